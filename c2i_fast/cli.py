@@ -1,0 +1,189 @@
+"""``c2i`` command line: adapt, eval, laser, apply, export.
+
+Every bad input ends in one line ``c2i: error: <message naming the file/line/parameter>`` and exit code 2;
+outputs are written atomically, so a failed or killed run leaves no half-written file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import C2IError
+
+
+def _floats(text: str) -> tuple:
+    try:
+        vals = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("empty list")
+    return vals
+
+
+def _ints(text: str) -> tuple:
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("empty list")
+    return vals
+
+
+def _strs(text: str) -> tuple:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _common(p: argparse.ArgumentParser, out_required: bool = True):
+    p.add_argument("--model", required=True, help="hub id, local directory, .gguf file, or alias 'smollm2'")
+    p.add_argument("--task", required=True, help="task name from the data manifest (e.g. fever) or a .jsonl file")
+    p.add_argument("--data-dir", help="folder with the task JSONL files (default: $C2I_DATA or shared/data)")
+    p.add_argument("--metric", choices=["classification", "recall", "generation"],
+                   help="task kind of a user JSONL file (default: classification if it has choices, else recall)")
+    p.add_argument("--test-size", type=int, default=500, help="held-out examples (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scoring", choices=["mean", "sum"], default="mean",
+                   help="classification score: length-normalised (default) or summed log-prob; both are reported")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward batch")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    if out_required:
+        p.add_argument("--out", required=True, help="output directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .search import DEFAULT_CLUSTERS, DEFAULT_METHODS, DEFAULT_RANK_FRACTIONS
+    ap = argparse.ArgumentParser(prog="c2i", description="Compress-to-Impress: adapt an LM to a task "
+                                 "by gradient-guided (clustered) low-rank reduction, no training.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("adapt", help="scan, search and apply a C2I plan; writes plan, factors and report")
+    _common(a)
+    a.add_argument("--samples", type=int, default=100, help="selection sample size (default 100)")
+    a.add_argument("--top-k", type=int, default=5, help="matrices inspected after the gradient scan")
+    a.add_argument("--rank-fractions", type=_floats, default=DEFAULT_RANK_FRACTIONS, help="ρ grid, e.g. 0.1,0.01")
+    a.add_argument("--clusters", type=_ints, default=DEFAULT_CLUSTERS, help="k grid, e.g. 1,2,4,8")
+    a.add_argument("--methods", type=_strs, default=DEFAULT_METHODS, help="block,kmeans,projective")
+    a.add_argument("--types", type=_strs, default=None, help="matrix types to scan (default: all)")
+    a.add_argument("--max-evals", type=int, default=48,
+                   help="evaluate only the N candidates with the best first-order ΔL̂ (0 = all; default 48)")
+    a.add_argument("--compose", type=int, default=0, help="greedily try to add up to N more edits")
+    a.add_argument("--loss", choices=["answer", "choice"], default="answer",
+                   help="scan loss: gold-answer cross-entropy or choice-restricted (classification)")
+    a.add_argument("--score", choices=["first_order", "grad_norm"], default="first_order")
+    a.add_argument("--draws", type=int, default=1, help="repeat selection on N disjoint samples")
+    a.add_argument("--resume", action="store_true", help="continue a killed run in --out from its journal")
+
+    l = sub.add_parser("laser", help="LASER's exhaustive search in the same harness")
+    _common(l)
+    l.add_argument("--val-size", type=int, default=100, help="validation examples used for selection")
+    l.add_argument("--rank-fractions", type=_floats, default=DEFAULT_RANK_FRACTIONS)
+    l.add_argument("--types", type=_strs, default=("mlp_in", "mlp_out"))
+    l.add_argument("--layers", type=_ints, default=None, help="layers to search (default all)")
+    l.add_argument("--faithful", action="store_true", help="dense rebuild + full forward per candidate")
+    l.add_argument("--resume", action="store_true")
+
+    e = sub.add_parser("eval", help="held-out metrics of a base model, and of an adapted directory")
+    _common(e, out_required=False)
+    e.add_argument("--samples", type=int, default=100, help="selection size excluded from the test split")
+    e.add_argument("--adapted", help="directory written by `c2i adapt` / `c2i apply`")
+    e.add_argument("--out", help="write the metrics JSON here")
+
+    p = sub.add_parser("apply", help="apply a plan.json to a base model and save the factored artifact")
+    p.add_argument("--model", required=True)
+    p.add_argument("--plan", required=True, help="plan.json (or a directory holding one)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+
+    x = sub.add_parser("export", help="write a dense Hugging Face checkpoint of an adapted model")
+    x.add_argument("--model", required=True)
+    x.add_argument("--adapted", required=True, help="directory written by `c2i adapt` / `c2i apply`")
+    x.add_argument("--out", required=True)
+    x.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def _summary(rep: dict) -> str:
+    lines = [f"task {rep['task']['name']}  plan: " + (", ".join(
+        f"{e['matrix']} ρ={e['rank_fraction']} k={e['n_clusters']} {e['method']}" for e in rep["plan"]) or "none")]
+    lines.append(f"{'split':<10}{'model':<9}{'acc':>7}{'acc_sum':>9}{'acc_mean':>10}{'log_loss':>10}{'majority':>10}")
+    for split_name, key in (("selection", "selection"), ("held-out", "test")):
+        for which in ("base", "adapted"):
+            m = rep[key][which]
+            f = lambda k: f"{m[k]:.3f}" if isinstance(m.get(k), (int, float)) else "-"  # noqa: E731
+            lines.append(f"{split_name:<10}{which:<9}{f('accuracy'):>7}{f('accuracy_sum'):>9}"
+                         f"{f('accuracy_mean'):>10}{f('log_loss'):>10}{m['majority']['accuracy']:>10.3f}")
+    t = rep.get("timings", {})
+    lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except C2IError as e:
+        print(f"c2i: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("c2i: interrupted (rerun with --resume to continue an adapt/laser run)", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    from . import pipeline
+    progress = not args.quiet
+    if args.command == "adapt":
+        from .models import MATRIX_TYPES
+        cfg = pipeline.AdaptConfig(
+            model=args.model, task=args.task, out=args.out, samples=args.samples, test_size=args.test_size,
+            top_k=args.top_k, rank_fractions=args.rank_fractions, clusters=args.clusters, methods=args.methods,
+            types=args.types or MATRIX_TYPES, max_evals=args.max_evals, compose=args.compose, seed=args.seed,
+            loss=args.loss, score=args.score, scoring=args.scoring, data_dir=args.data_dir, metric=args.metric,
+            batch_tokens=args.batch_tokens, resume=args.resume, progress=progress, draws=args.draws,
+            threads=args.threads)
+        rep = pipeline.adapt(cfg)
+        print(_summary(rep))
+        print(f"wrote {args.out}/plan.json, {args.out}/report.json")
+    elif args.command == "laser":
+        cfg = pipeline.LaserConfig(
+            model=args.model, task=args.task, out=args.out, val_size=args.val_size, test_size=args.test_size,
+            rank_fractions=args.rank_fractions, types=args.types, layers=args.layers, seed=args.seed,
+            scoring=args.scoring, data_dir=args.data_dir, metric=args.metric, batch_tokens=args.batch_tokens,
+            faithful=args.faithful, progress=progress, threads=args.threads, resume=args.resume)
+        rep = pipeline.laser(cfg)
+        print(_summary(rep))
+        print(f"wrote {args.out}/plan.json, {args.out}/report.json")
+    elif args.command == "eval":
+        cfg = pipeline.EvalConfig(
+            model=args.model, task=args.task, plan=args.adapted, samples=args.samples, test_size=args.test_size,
+            seed=args.seed, scoring=args.scoring, data_dir=args.data_dir, metric=args.metric,
+            batch_tokens=args.batch_tokens, progress=progress, threads=args.threads, out=args.out)
+        rep = pipeline.evaluate_model(cfg)
+        print(json.dumps({k: rep[k] for k in rep if k in ("task", "n_test", "base", "adapted")}, indent=2,
+                         default=str))
+    elif args.command == "apply":
+        from pathlib import Path
+        from .artifacts import save_adapted
+        from .models import load_model
+        from .transform import Plan, factorize_
+        plan_path = Path(args.plan)
+        plan = Plan.load(plan_path / "plan.json" if plan_path.is_dir() else plan_path)
+        lm = load_model(args.model)
+        factorize_(lm.model, plan)
+        save_adapted(lm.model, Plan(plan.edits, base_model=args.model, meta=plan.meta), args.out)
+        print(f"wrote {args.out}")
+    elif args.command == "export":
+        from .artifacts import export_dense, load_adapted
+        from .models import load_model
+        lm = load_model(args.model)
+        load_adapted(lm.model, args.adapted)
+        export_dense(lm.model, args.out, tokenizer=lm.tokenizer)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

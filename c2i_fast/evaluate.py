@@ -1,0 +1,360 @@
+"""Batched scoring of a model on task examples: accuracy, log-loss and the Σ-gradient loss.
+
+Sequences are LEFT-padded so every row ends at the same column: the answer tokens then sit in the last few
+positions of every row and ``logits_to_keep`` asks the LM head for those positions only (the 49k-vocab head
+on every prompt position would cost as much as the layers). ``position_ids`` are passed explicitly so left
+padding does not shift rotary/learned positions.
+
+Row layout (one row = one token sequence fed to the model)::
+
+    kind            rows per example        continuation scored       logits read at
+    classification  1 (all choices 1 token) none                      last position, over the choice ids
+                    C (multi-token choices) choice c                  the last len(c)+1 positions
+    recall          1                       gold answer               the last len(answer)+1 positions
+    generation      1 (+ greedy generation) gold answer (log-loss)    the last len(answer)+1 positions
+
+A :class:`PrefixCache` remembers, per batch, the output of the decoder layer just below a given layer ℓ. A
+candidate that only changes matrices in layers ≥ ℓ is then scored by running layers ≥ ℓ alone: layers < ℓ
+are swapped for stubs that replay the cached output (gpt-fast-style module swap, undone afterwards).
+"""
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import C2IError
+from .tasks import Example, majority_baseline
+
+MAX_PROMPT_TOKENS = 1024
+
+
+@dataclass
+class _Row:
+    example: int          # index into examples
+    choice: int           # choice index, or -1 for the gold target / prompt-only row
+    ids: list[int]        # prompt + continuation token ids
+    cont: list[int]       # continuation token ids (scored), may be empty
+
+
+@dataclass
+class _Batch:
+    rows: list[_Row]
+    input_ids: torch.Tensor       # (B, T) left-padded
+    attention_mask: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor    # (B, T)
+    keep: int                     # logits kept from the end (max continuation length + 1)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of transformer blocks (model.layers, transformer.h, gpt_neox.layers, encoder.layer)."""
+    from .models import target_matrices
+    name = target_matrices(model)[0].name
+    path = re.match(r"^(.*?)\.\d+\.", name).group(1)
+    return model.get_submodule(path)
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer below ℓ: returns the cached output of layer ℓ−1 for this batch."""
+
+    def __init__(self, original: nn.Module, output):
+        super().__init__()
+        self.output = output
+        for k, v in vars(original).items():   # loop code reads attributes like `attention_type`
+            if not k.startswith("_") and not isinstance(v, (nn.Module, torch.Tensor)) and k != "training":
+                setattr(self, k, v)
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+
+class PrefixCache:
+    """Outputs of the layer below each cached layer ℓ, per batch: {(batch, ℓ): output of layer ℓ−1}."""
+
+    def __init__(self):
+        self.store: dict[tuple[int, int], object] = {}
+
+    def layers(self) -> set[int]:
+        return {l for _, l in self.store}
+
+    def clear(self):
+        self.store.clear()
+
+
+def _detach(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, tuple):
+        return tuple(_detach(o) for o in obj)
+    return obj
+
+
+@contextmanager
+def _capture(model, cache: PrefixCache | None, batch_index: int, layers: set[int]):
+    handles = []
+    if cache is not None and layers:
+        blocks = decoder_layers(model)
+        for l in layers:
+            if 0 < l < len(blocks):
+                def hook(_m, _inp, out, l=l):
+                    cache.store[(batch_index, l)] = _detach(out)
+                handles.append(blocks[l - 1].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _replay(model, cache: PrefixCache | None, batch_index: int, start_layer: int):
+    if cache is None or start_layer <= 0:
+        yield
+        return
+    out = cache.store.get((batch_index, start_layer))
+    if out is None:
+        raise RuntimeError(f"prefix cache has no entry for batch {batch_index}, layer {start_layer}")
+    blocks = decoder_layers(model)
+    saved = [blocks[i] for i in range(start_layer)]
+    try:
+        for i in range(start_layer):
+            blocks[i] = _Replay(saved[i], out)
+        yield
+    finally:
+        for i in range(start_layer):
+            blocks[i] = saved[i]
+
+
+class Scorer:
+    """Scores one fixed list of examples; rows and batches are built once and reused for every candidate."""
+
+    def __init__(self, model: nn.Module, tokenizer, examples: list[Example], kind: str,
+                 batch_tokens: int = 4096, scoring: str = "mean", max_new_tokens: int = 10):
+        if not examples:
+            raise C2IError("no examples to score")
+        if scoring not in ("sum", "mean"):
+            raise C2IError(f"--scoring {scoring!r}: choose sum or mean")
+        self.model, self.tokenizer, self.examples, self.kind = model, tokenizer, examples, kind
+        self.scoring, self.max_new_tokens = scoring, max_new_tokens
+        self.batch_tokens = batch_tokens
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+            tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+        self.single_token_choices: torch.Tensor | None = None
+        self.rows = self._build_rows()
+        self.batches = self._build_batches()
+        self.forward_rows = len(self.rows)
+
+    # -- building ---------------------------------------------------------------------------------------
+    def _tok(self, text: str, special: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special).input_ids
+
+    def _build_rows(self) -> list[_Row]:
+        rows = []
+        prompts = [self._tok(ex.prompt, True)[-MAX_PROMPT_TOKENS:] for ex in self.examples]
+        if self.kind == "classification":
+            choice_ids = {c: self._tok(c, False) for ex in self.examples for c in ex.choices}
+            for c, ids in choice_ids.items():
+                if not ids:
+                    raise C2IError(f"choice {c!r} tokenizes to zero tokens")
+            choices0 = self.examples[0].choices
+            same = all(ex.choices == choices0 for ex in self.examples)
+            if same and all(len(choice_ids[c]) == 1 for c in choices0) and \
+                    len({choice_ids[c][0] for c in choices0}) == len(choices0):
+                self.single_token_choices = torch.tensor([choice_ids[c][0] for c in choices0])
+                return [_Row(i, -1, p, []) for i, p in enumerate(prompts)]
+            for i, (ex, p) in enumerate(zip(self.examples, prompts)):
+                for j, c in enumerate(ex.choices):
+                    rows.append(_Row(i, j, p + choice_ids[c], choice_ids[c]))
+            return rows
+        for i, (ex, p) in enumerate(zip(self.examples, prompts)):
+            cont = self._tok(ex.target, False)
+            if not cont:
+                raise C2IError(f"example {ex.id!r}: answer {ex.target!r} tokenizes to zero tokens")
+            rows.append(_Row(i, -1, p + cont, cont))
+        return rows
+
+    def _build_batches(self) -> list[_Batch]:
+        """Rows of one example stay in one batch (the choice loss needs all of an example's choices);
+        examples are sorted by length so little padding is wasted; at most ``batch_tokens`` per batch."""
+        units: dict[int, list[_Row]] = {}
+        for r in self.rows:
+            units.setdefault(r.example, []).append(r)
+        order = sorted(units, key=lambda e: (max(len(r.ids) for r in units[e]), e))
+        batches, cur = [], []
+        for e in order:
+            cand = cur + units[e]
+            if cur and max(len(r.ids) for r in cand) * len(cand) > self.batch_tokens:
+                batches.append(self._pad(cur))
+                cand = list(units[e])
+            cur = cand
+        if cur:
+            batches.append(self._pad(cur))
+        return batches
+
+    def _pad(self, rows: list[_Row]) -> _Batch:
+        t = max(len(r.ids) for r in rows)
+        ids = torch.full((len(rows), t), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), t), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, t - len(r.ids):] = torch.tensor(r.ids)
+            mask[i, t - len(r.ids):] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        keep = max(len(r.cont) for r in rows) + 1
+        return _Batch(rows, ids, mask, pos, keep)
+
+    # -- forward ----------------------------------------------------------------------------------------
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    def _logits(self, b: _Batch) -> torch.Tensor:
+        dev = self._device()
+        out = self.model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev),
+                         position_ids=b.position_ids.to(dev), logits_to_keep=b.keep, use_cache=False)
+        return out.logits.float()                                   # (B, keep, V)
+
+    def _row_stats(self, b: _Batch, logits: torch.Tensor):
+        """Per row: summed log-prob of the continuation, its length, all-greedy flag, choice log-probs."""
+        logp = torch.log_softmax(logits, dim=-1)
+        sums, lens, greedy, choice_lp = [], [], [], None
+        if self.single_token_choices is not None:
+            choice_lp = logp[:, -1, self.single_token_choices.to(logp.device)]    # (B, C)
+            return None, None, None, choice_lp
+        k = b.keep
+        for i, r in enumerate(b.rows):
+            n = len(r.cont)
+            pos = torch.arange(k - 1 - n, k - 1, device=logp.device)
+            tgt = torch.tensor(r.cont, device=logp.device)
+            lp = logp[i, pos, tgt]
+            sums.append(lp.sum())
+            lens.append(n)
+            greedy.append(bool((logits[i, pos].argmax(-1) == tgt).all()))
+        return torch.stack(sums), lens, greedy, None
+
+    def run(self, cache: PrefixCache | None = None, start_layer: int = 0, capture: set[int] = frozenset(),
+            grad: bool = False):
+        """Yield (batch, row stats) for each batch; reuse/capture the prefix cache as asked."""
+        for bi, b in enumerate(self.batches):
+            with _replay(self.model, cache, bi, start_layer), _capture(self.model, cache, bi, set(capture)), \
+                    torch.set_grad_enabled(grad):
+                logits = self._logits(b)
+            yield b, self._row_stats(b, logits)
+
+    # -- metrics ----------------------------------------------------------------------------------------
+    def _per_example(self, stats_iter) -> dict[int, dict]:
+        """Per example index: (C,) summed choice scores and lengths, or the gold log-prob, length, greedy flag."""
+        per: dict[int, dict] = {}
+        for b, (sums, lens, greedy, choice_lp) in stats_iter:
+            for i, r in enumerate(b.rows):
+                d = per.setdefault(r.example, {})
+                if choice_lp is not None:
+                    d["sum"] = choice_lp[i]
+                    d["len"] = torch.ones_like(choice_lp[i])
+                elif self.kind == "classification":
+                    d.setdefault("s", {})[r.choice] = (sums[i], lens[i])
+                else:
+                    d["gold"], d["glen"], d["greedy"] = sums[i], lens[i], greedy[i]
+        for d in per.values():
+            if "s" in d:
+                s = d.pop("s")
+                d["sum"] = torch.stack([s[j][0] for j in sorted(s)])
+                d["len"] = torch.tensor([float(s[j][1]) for j in sorted(s)], device=d["sum"].device)
+        return per
+
+    def loss_batches(self, kind: str = "answer", cache: PrefixCache | None = None, start_layer: int = 0):
+        """Yield one differentiable loss per batch, scaled so that their sum is the mean loss over examples
+        (call .backward() on each: only one batch's graph is alive at a time)."""
+        for b, stats in self.run(cache, start_layer, grad=True):
+            per = self._per_example([(b, stats)])
+            yield self.loss(per, kind) * (len(per) / len(self.examples))
+
+    def loss(self, per: dict[int, dict], kind: str = "answer") -> torch.Tensor:
+        """Mean over the examples in ``per``: ``answer`` = −log p(gold tokens)/len (full vocabulary);
+        ``choice`` = cross-entropy of the gold label under a softmax over the choices' (sum or mean) scores."""
+        if kind not in ("answer", "choice"):
+            raise C2IError(f"--loss {kind!r}: choose answer or choice")
+        if kind == "choice" and self.kind != "classification":
+            raise C2IError("--loss choice needs a classification task")
+        terms = []
+        for e, d in per.items():
+            ex = self.examples[e]
+            if self.kind == "classification":
+                if kind == "choice":
+                    sc = d["sum"] / d["len"] if self.scoring == "mean" else d["sum"]
+                    terms.append(-torch.log_softmax(sc, 0)[ex.label])
+                else:
+                    terms.append(-d["sum"][ex.label] / d["len"][ex.label])
+            else:
+                terms.append(-d["gold"] / d["glen"])
+        return torch.stack(terms).mean()
+
+    def evaluate(self, cache: PrefixCache | None = None, start_layer: int = 0,
+                 capture: set[int] = frozenset(), generate: bool = True) -> dict:
+        """Accuracy (primary scoring + both variants), log-loss, choice-loss, majority baseline."""
+        per_d = self._per_example(self.run(cache, start_layer, capture))
+        per = [per_d[i] for i in range(len(self.examples))]
+        res = {"n": len(self.examples), "log_loss": float(self.loss(per_d, "answer")),
+               "majority": majority_baseline(self.examples)}
+        if self.kind == "classification":
+            acc = {}
+            for mode in ("sum", "mean"):
+                preds = [int((d["sum"] / d["len"] if mode == "mean" else d["sum"]).argmax()) for d in per]
+                acc[mode] = sum(p == ex.label for p, ex in zip(preds, self.examples)) / len(per)
+                res[f"predictions_{mode}"] = preds
+            res.update(accuracy=acc[self.scoring], accuracy_sum=acc["sum"], accuracy_mean=acc["mean"],
+                       choice_loss=float(self.loss(per_d, "choice")), scoring=self.scoring)
+        elif self.kind == "recall":
+            res["accuracy"] = sum(d["greedy"] for d in per) / len(per)
+        else:
+            res["greedy_prefix_accuracy"] = sum(d["greedy"] for d in per) / len(per)
+            if generate:
+                gen = self.generate()
+                res["accuracy"] = sum(gen["correct"]) / len(per)
+                res["generations"] = gen["texts"]
+            else:
+                res["accuracy"] = res["greedy_prefix_accuracy"]
+        res["correct"] = self._correct_flags(per, res)
+        return res
+
+    def _correct_flags(self, per, res) -> list[bool]:
+        if self.kind == "classification":
+            return [p == ex.label for p, ex in zip(res[f"predictions_{self.scoring}"], self.examples)]
+        if self.kind == "generation" and "generations" in res:
+            return [answer_in_continuation(ex.answers, t) for ex, t in zip(self.examples, res["generations"])]
+        return [bool(d["greedy"]) for d in per]
+
+    # -- generation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch_size: int = 32) -> dict:
+        """Greedy generation from the prompt; only the new tokens are decoded and matched."""
+        dev = self._device()
+        prompts = [self._tok(ex.prompt, True)[-MAX_PROMPT_TOKENS:] for ex in self.examples]
+        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+        texts: list[str] = [""] * len(prompts)
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            b = self._pad([_Row(i, -1, prompts[i], []) for i in idx])
+            out = self.model.generate(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev),
+                                      max_new_tokens=self.max_new_tokens, do_sample=False,
+                                      pad_token_id=self.pad_id)
+            new = out[:, b.input_ids.shape[1]:]
+            for j, i in enumerate(idx):
+                texts[i] = self.tokenizer.decode(new[j], skip_special_tokens=True)
+        correct = [answer_in_continuation(ex.answers, t) for ex, t in zip(self.examples, texts)]
+        return {"texts": texts, "correct": correct}
+
+
+def answer_in_continuation(answers: list[str], continuation: str) -> bool:
+    """LASER's substring rule (lower-cased, stripped), applied to the generated continuation only."""
+    text = continuation.lower().strip()
+    return any(a.lower().strip() in text for a in answers if a.strip())
+
+
+def better(a: dict, b: dict) -> bool:
+    """Is result a strictly better than b: higher accuracy, ties broken by lower log-loss."""
+    if a["accuracy"] != b["accuracy"]:
+        return a["accuracy"] > b["accuracy"]
+    return a["log_loss"] < b["log_loss"] and not math.isclose(a["log_loss"], b["log_loss"], rel_tol=1e-9)

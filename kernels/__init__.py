@@ -1,0 +1,25 @@
+"""Kernels of c2i_fast, installed as ``c2i_fast.kernels``.
+
+Every op has a pure-torch reference in ``naive.py``. The functions exported here dispatch: Triton on CUDA
+tensors, the reference elsewhere. ``C2I_KERNELS=torch`` forces the reference, ``C2I_KERNELS=triton``
+forces Triton (e.g. with ``TRITON_INTERPRET=1`` on CPU tensors, for tests). The choice is made at call time
+inside registered ops (``torch.ops.c2i.*``), so ``torch.compile`` sees one opaque op either way.
+
+One file per op (Triton kernels → launcher → registered op → autograd):
+
+    lowrank.py      lowrank_matmul            c2i::lowrank_matmul            backward w.r.t. x, u, v, s, bias
+    clustered.py    clustered_lowrank_matmul  c2i::clustered_lowrank_matmul  backward w.r.t. x, v_cat, u_packed, bias
+    reconstruct.py  clustered_reconstruct     c2i::clustered_reconstruct     backward w.r.t. v_cat, u_packed
+    rsvd.py         randomized_svd (+ _blocks, pad_blocks), GEMMs via c2i::batched_matmul
+
+triton is optional: without it everything imports and runs the references.
+"""
+from . import naive  # noqa: F401
+from .clustered import clustered_lowrank_matmul  # noqa: F401
+from .lowrank import lowrank_matmul  # noqa: F401
+from .reconstruct import clustered_reconstruct  # noqa: F401
+from .rsvd import pad_blocks, randomized_svd, randomized_svd_blocks  # noqa: F401
+from .utils import HAS_TRITON, backend, use_triton  # noqa: F401
+
+__all__ = ["lowrank_matmul", "clustered_lowrank_matmul", "clustered_reconstruct", "randomized_svd",
+           "randomized_svd_blocks", "pad_blocks", "naive", "backend", "use_triton", "HAS_TRITON"]
