@@ -2,6 +2,7 @@
 """Benchmarks of c2i_fast.kernels against their baselines — one entry point, a registry of cases.
 
     python bench/bench_kernels.py [--quick] [--out bench/results/kernels-<device>.json] [--only REGEX]
+                                  [--ops lowrank,clustered,reconstruct,rsvd] [--sweep] [--tiny]
 
 Ops and baselines (every case times all of its implementations in the same run):
     lowrank      c2i.lowrank_matmul (op; Triton on CUDA, torch reference elsewhere), triton.launcher (no op
@@ -103,7 +104,8 @@ def plan(mode: str) -> dict:
             + [("llama2-7b.mlp.up", (11008, 4096), 4, 0.1)]) if CUDA else \
         [("smollm2-135m.mlp.up", (1536, 576), 8, rho) for rho in (0.01, 0.1)]
     return dict(shapes=shapes, tokens=[1, 16, 128, 4096], rhos=[0.01, 0.1, 0.3], ks=[1, 2, 4, 8],
-                clustered_rhos=[0.1], recon_batch=8 if CUDA else 2, rsvd=rsvd, min_time=0.3, compile=True)
+                clustered_rhos=[0.1], contiguous=True, recon_batch=8 if CUDA else 2, rsvd=rsvd, min_time=0.3,
+                compile=True)
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -131,7 +133,7 @@ def time_fn(fn, min_time: float) -> dict:
         est = start.elapsed_time(end)
         if est > 500:          # slow (e.g. a full SVD of a stack): a few individually timed runs
             times = [est]
-            for _ in range(2):
+            for _ in range(2 if est < 5000 else 0):
                 start.record()
                 fn()
                 end.record()
@@ -195,13 +197,19 @@ def metrics(t_ms, nbytes, flops, ceil, dtype):
             "bytes": nbytes, "flops": flops}
 
 
-def clusters(m, n, k, rho, dtype, gen_seed=0, rank=None):
-    """k equal row blocks of a random permutation, rank ⌊ρ·min(m/k, n)⌋ each (or ``rank``)."""
+def clusters(m, n, k, rho, dtype, gen_seed=0, rank=None, assign="random"):
+    """k equal clusters, rank ⌊ρ·min(m/k, n)⌋ each (or ``rank``). assign='random': rows drawn by a random
+    permutation (sorted within each cluster, as k-means output would be); 'contiguous': row blocks."""
     g = torch.Generator().manual_seed(gen_seed)
     sizes = [m // k + (1 if c < m % k else 0) for c in range(k)]
     rc = rank if rank is not None else rank_of(rho, m // k, n)
     ranks = [min(rc, h, n) for h in sizes]
-    row_index = torch.randperm(m, generator=g)
+    if assign == "contiguous":
+        row_index = torch.arange(m)
+    else:
+        perm = torch.randperm(m, generator=g)
+        bounds = [0] + torch.tensor(sizes).cumsum(0).tolist()
+        row_index = torch.cat([perm[a:b].sort().values for a, b in zip(bounds, bounds[1:])])
     row_offsets = torch.tensor([0] + sizes).cumsum(0)
     rank_offsets = torch.tensor([0] + ranks).cumsum(0)
     v_cat = torch.randn(n, int(rank_offsets[-1]), generator=g) / math.sqrt(n)
@@ -260,8 +268,38 @@ def build_lowrank(m, n, r, M, dt):
         impls["triton.launcher"] = reason
     impls["dense.matmul"] = (lambda: F.linear(x, w, b), dense_bytes, 2 * M * m * n)
     impls["two_linear"] = (lambda: lin2(lin1(x)), lr_bytes, 2 * M * r * (n + m))
+    if SWEEP[0] and reason is None:
+        for label, kw in sweep_configs(M):
+            impls[f"triton.sweep[{label}]"] = (lambda kw=kw: launcher(x, u, v, None, b, **kw), lr_bytes,
+                                              2 * M * r * (n + m))
     check = lambda: rel(K.lowrank_matmul(x, u, v, None, b), F.linear(x.float(), w.float(), b.float()))  # noqa: E731
     return impls, {"check_relerr": check}
+
+
+SWEEP = [False]
+
+
+def sweep_configs(M):
+    """Launch configurations tried by --sweep (CUDA): stage-2 tiles/stages and stage-1 split for decode,
+    tile shapes for prefill. The best one per case is reported; it is data for tuning
+    kernels/lowrank.py:xv_config/tu_config, not used automatically."""
+    out = []
+    if M <= 64:
+        for bn in (32, 64, 128):
+            for br in (64, 128):
+                for st in (3, 5):
+                    out.append((f"tu:BN{bn},BR{br},S{st}", dict(tu_cfg=dict(BLOCK_N=bn, BLOCK_R=br, num_stages=st))))
+        for sk in (8, 16, 64):
+            out.append((f"xv:SPLIT{sk}", dict(split_k=sk)))
+        out.append(("tu:lowp", dict(t_mode="lowp")))
+    else:
+        for bm, bn, br, wp in ((128, 128, 64, 8), (128, 256, 64, 8), (64, 128, 64, 4), (128, 128, 32, 4)):
+            out.append((f"tu:{bm}x{bn}x{br},W{wp}",
+                        dict(tu_cfg=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, num_warps=wp))))
+        for bm, br, bk, wp in ((128, 128, 64, 8), (64, 64, 64, 4), (128, 64, 128, 8)):
+            out.append((f"xv:{bm}x{br}x{bk},W{wp}",
+                        dict(xv_cfg=dict(BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, num_warps=wp))))
+    return out
 
 
 def cases_clustered(p):
@@ -269,15 +307,17 @@ def cases_clustered(p):
     for shape_name, (m, n) in p["shapes"].items():
         for rho in p["clustered_rhos"]:
             for k in p["ks"]:
-                for M in p["tokens"]:
-                    yield dict(op="clustered", case=f"clustered/{shape_name}/rho={rho}/k={k}/M={M}",
-                               params=dict(shape=shape_name, m=m, n=n, rho=rho, k=k, M=M, dtype=str(dt)),
-                               build=lambda m=m, n=n, k=k, rho=rho, M=M: build_clustered(m, n, k, rho, M, dt,
-                                                                                         p["compile"]))
+                for assign in ["random"] + (["contiguous"] if k > 1 and p.get("contiguous") else []):
+                    for M in p["tokens"]:
+                        yield dict(op="clustered", case=f"clustered/{shape_name}/rho={rho}/k={k}/{assign}/M={M}",
+                                   params=dict(shape=shape_name, m=m, n=n, rho=rho, k=k, assign=assign, M=M,
+                                               dtype=str(dt)),
+                                   build=lambda m=m, n=n, k=k, rho=rho, M=M, assign=assign: build_clustered(
+                                       m, n, k, rho, M, dt, p["compile"], assign))
 
 
-def build_clustered(m, n, k, rho, M, dt, do_compile):
-    cl = clusters(m, n, k, rho, dt)
+def build_clustered(m, n, k, rho, M, dt, do_compile, assign="random"):
+    cl = clusters(m, n, k, rho, dt, assign=assign)
     x = torch.randn(M, n, device=DEVICE).to(dt)
     R, rc = int(cl["rank_offsets"][-1]), max(cl["ranks"])
     r_eq = max(1, round(cl["params"] / (m + n)))
@@ -428,8 +468,9 @@ def build_rsvd(m, n, B, r, oversample=8, niter=2):
     def quality():
         q = {"c2i.randomized_svd": err_ratio(*K.randomized_svd(a, r, oversample, niter)),
              "reference.batched": err_ratio(*K.naive.randomized_svd(a, r, oversample, niter))}
-        U, S, Vh = torch.linalg.svd(a, full_matrices=False)
-        q["torch.linalg.svd"] = err_ratio(U, S, Vh.transpose(-1, -2))
+        if B * m * n <= 64 * 2 ** 20:      # exact SVD: the optimum by construction, checked where cheap
+            U, S, Vh = torch.linalg.svd(a, full_matrices=False)
+            q["torch.linalg.svd"] = err_ratio(U, S, Vh.transpose(-1, -2))
         lows = looped_lowrank()
         q["torch.svd_lowrank.loop"] = err_ratio(torch.stack([t[0] for t in lows]), torch.stack([t[1] for t in lows]),
                                                 torch.stack([t[2] for t in lows]))
@@ -483,6 +524,12 @@ def ratios(res):
     div = lambda a, b: (a / b) if (a is not None and b) else None  # noqa: E731
     if op == "lowrank":
         c = t_of(res, "c2i.lowrank_matmul")
+        sweep = {k: v["median_ms"] for k, v in res["impls"].items()
+                 if k.startswith("triton.sweep") and "median_ms" in v}
+        if sweep:
+            best = min(sweep, key=sweep.get)
+            r["sweep_best"] = best
+            r["sweep_best_speedup_vs_default"] = div(t_of(res, "triton.launcher"), sweep[best])
         r["speedup_vs_dense"] = div(t_of(res, "dense.matmul"), c)
         r["speedup_vs_two_linear"] = div(t_of(res, "two_linear"), c)
         r["speedup_launcher_vs_dense"] = div(t_of(res, "dense.matmul"), t_of(res, "triton.launcher"))
@@ -550,7 +597,8 @@ def device_info():
     if CUDA:
         prop = torch.cuda.get_device_properties(0)
         return {"type": "cuda", "name": prop.name, "sm_count": prop.multi_processor_count,
-                "memory_GiB": round(prop.total_memory / 2 ** 30, 1), "capability": list(torch.cuda.get_device_capability())}
+                "memory_GiB": round(prop.total_memory / 2 ** 30, 1),
+                "capability": list(torch.cuda.get_device_capability())}
     return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "cpus": os.cpu_count()}
 
@@ -581,7 +629,11 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/kernels-<device>[-quick].json)")
     ap.add_argument("--only", default=None, help="regex on case names, e.g. 'lowrank/.*M=1$'")
     ap.add_argument("--ops", default=",".join(REGISTRY), help="comma list of ops: " + ",".join(REGISTRY))
+    ap.add_argument("--sweep", action="store_true", help="CUDA: also time alternative launch configs (lowrank)")
     args = ap.parse_args(argv)
+    SWEEP[0] = bool(args.sweep)
+    if args.sweep and not CUDA:
+        print("# --sweep ignored: " + NO_CUDA)
     mode = "tiny" if args.tiny else ("quick" if args.quick else "full")
     p = plan(mode)
     torch.manual_seed(0)
@@ -623,7 +675,7 @@ def main(argv=None):
     doc = {"schema": "c2i_fast.bench_kernels/1", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "mode": mode, "device": dev, "versions": versions(), "backend": K.backend(),
            "env": {k: os.environ.get(k) for k in ("C2I_KERNELS", "TRITON_INTERPRET", "OMP_WAIT_POLICY")},
-           "timing": ("triton.testing.do_bench quantiles (median, p20, p80); >0.5 s calls: 3 CUDA-event runs"
+           "timing": ("triton.testing.do_bench quantiles (median, p20, p80); >0.5 s calls: 3 event-timed runs, >5 s: 1"
                       if CUDA else "time.perf_counter per call after 1 warm-up call; median, p20, p80"),
            "ceilings": ceil, "cases": results, "goals": g, "skipped": skipped,
            "wall_s": time.perf_counter() - t_start}

@@ -214,7 +214,8 @@ class Scorer:
         dev = self._device()
         out = self.model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev),
                          position_ids=b.position_ids.to(dev), logits_to_keep=b.keep, use_cache=False)
-        return out.logits.float()                                   # (B, keep, V)
+        logits = out.logits                                          # (B, keep, V)
+        return logits if logits.dtype == torch.float64 else logits.float()
 
     def _row_stats(self, b: _Batch, logits: torch.Tensor):
         """Per row: summed log-prob of the continuation, its length, all-greedy flag, choice log-probs."""

@@ -96,6 +96,9 @@ def _prepare(cfg, n_val: int = 0):
     """Load model and task, make the splits; shared by adapt, laser and eval."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if not cfg.progress:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task, cfg.data_dir, cfg.metric)          # data errors before the slow model load
     t0 = time.perf_counter()
@@ -187,6 +190,10 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
     splits = split(task, cfg.samples, cfg.test_size, cfg.seed, draw=draw)
     refs = target_matrices(model, cfg.types)
     by_name = {r.name: r for r in refs}
+    min_rows = min(r.shape[0] for r in refs)
+    if max(cfg.clusters) > min_rows:      # checked before the slow scan: any matrix may reach the top-K
+        raise C2IError(f"--clusters {max(cfg.clusters)} is invalid: the scanned matrices have as few as "
+                       f"{min_rows} rows (need 1 ≤ k ≤ rows)")
     n_layers = max(r.layer for r in target_matrices(model)) + 1
     _log(cfg, f"[c2i] {task.name}: {len(splits['select'])} selection / {len(splits['test'])} held-out "
               f"examples; {len(refs)} matrices")

@@ -76,7 +76,7 @@ def gradients(scorer: Scorer, refs: list[MatrixRef], loss_kind: str = "answer", 
             if not torch.isfinite(loss):
                 raise C2IError(f"the {loss_kind} loss is not finite on the selection sample")
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         grads = {}
         for r in refs:
             g = r.param.grad

@@ -11,6 +11,7 @@ One file per op (Triton kernels → launcher → registered op → autograd):
     clustered.py    clustered_lowrank_matmul  c2i::clustered_lowrank_matmul  backward w.r.t. x, v_cat, u_packed, bias
     reconstruct.py  clustered_reconstruct     c2i::clustered_reconstruct     backward w.r.t. v_cat, u_packed
     rsvd.py         randomized_svd (+ _blocks, pad_blocks), GEMMs via c2i::batched_matmul
+    compile_check.py  AOT-compiles the kernels for sm_90 without a GPU (smem, registers, spills, MMA kind)
 
 triton is optional: without it everything imports and runs the references.
 """

@@ -23,6 +23,10 @@ accumulates t[:, cluster's rank slice] @ u_packed[rows of that cluster, :r_c]ᵀ
 masked to zero, then scatters the finished columns to y[:, row_index[rows]] (and adds bias[row_index]).
 Empty clusters are skipped; rank-0 clusters leave their rows at bias (or 0). Each y element is written once.
 No host synchronisation: the cluster bounds are read inside the kernel.
+Cost note: the scatter writes y's columns at row_index — coalesced when clusters are contiguous row blocks
+(or row_index is sorted within clusters and dense), scattered 2-byte writes for an arbitrary permutation.
+That matters only for prefill (large M); there the alternative is to fold the static permutation into the
+next layer's input columns and pass row_index = arange(m).
 
 Backward (``register_autograd``): torch ops in fp32, one loop over clusters (reads the offsets on the host).
 """
@@ -44,8 +48,8 @@ def _clustered_tu_kernel(t_ptr, u_ptr, row_index_ptr, row_offsets_ptr, rank_offs
                          GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """y[:, row_index[p]] = t[:, rank slice of cluster(p)] @ u_packed[p, :r_c]ᵀ (+ bias) for the tile's p."""
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
     group = GROUP_M * num_pid_n
     first_m = (pid // group) * GROUP_M
     group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
@@ -56,7 +60,7 @@ def _clustered_tu_kernel(t_ptr, u_ptr, row_index_ptr, row_offsets_ptr, rank_offs
     p_hi = tl.minimum(p_lo + BLOCK_N, N)
     offs_p = p_lo + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for c in range(0, NUM_CLUSTERS):
         r0 = tl.load(row_offsets_ptr + c).to(tl.int32)
         r1 = tl.load(row_offsets_ptr + c + 1).to(tl.int32)

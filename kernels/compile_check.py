@@ -105,12 +105,12 @@ def ptxas_info(ptx: str, arch: int = 90) -> dict:
     return out
 
 
-def default_launches() -> list[dict]:
-    """The launches the launchers make for representative decode/prefill shapes and every dtype."""
+def default_launches(dtypes=(torch.float16, torch.bfloat16, torch.float32), bmm: bool = True) -> list[dict]:
+    """The launches the launchers make for representative decode/prefill shapes (Llama-2-7B sizes)."""
     cases = []
     g = torch.Generator().manual_seed(0)
     with record_launches() as sink:
-        for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for dt in dtypes:
             for M, n, m, r in ((1, 4096, 11008, 409), (16, 4096, 4096, 24), (4096, 4096, 11008, 409)):
                 x = torch.empty(M, n, dtype=dt)
                 u, v = torch.empty(m, r, dtype=dt), torch.empty(n, r, dtype=dt)
@@ -125,9 +125,10 @@ def default_launches() -> list[dict]:
                                                      torch.empty(2, 11008, 409, dtype=dt),
                                                      torch.randperm(11008, generator=g),
                                                      torch.tensor([0, 5504, 11008]), torch.tensor([0, 409, 818]))
-        a = torch.empty(2, 4096, 4096)
-        rsvd.bmm_triton(a, torch.empty(2, 4096, 417))
-        rsvd.bmm_triton(a.transpose(1, 2), torch.empty(2, 4096, 417))
+        if bmm:
+            a = torch.empty(2, 4096, 4096)
+            rsvd.bmm_triton(a, torch.empty(2, 4096, 417))
+            rsvd.bmm_triton(a.transpose(1, 2), torch.empty(2, 4096, 417))
         cases.extend(sink)
     seen, out = set(), []
     for rec in cases:

@@ -50,7 +50,7 @@ def _xv_kernel(x_ptr, v_ptr, t_ptr, M, K, R,
     offs_k = tl.arange(0, BLOCK_K)
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
         xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
@@ -74,8 +74,8 @@ def _tu_kernel(t_ptr, s_ptr, u_ptr, b_ptr, y_ptr, M, N, R,
                GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """y[M, N] = (t[M, R] * s[R]) @ u[N, R]ᵀ + bias[N], cast to y's dtype."""
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
     group = GROUP_M * num_pid_n
     first_m = (pid // group) * GROUP_M
     group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
@@ -84,7 +84,7 @@ def _tu_kernel(t_ptr, s_ptr, u_ptr, b_ptr, y_ptr, M, N, R,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + offs_r
         ta = tl.load(t_ptr + offs_m[:, None] * stride_tm + rr[None, :] * stride_tr,

@@ -64,8 +64,7 @@ def clustered_lowrank_matmul(x: torch.Tensor, v_cat: torch.Tensor, u_packed: tor
         r0, r1, k0, k1 = ro[c], ro[c + 1], ko[c], ko[c + 1]
         if r1 > r0 and k1 > k0:
             y_perm[:, r0:r1] = t[:, k0:k1] @ u_packed[r0:r1, : k1 - k0].float().T
-    y = torch.empty_like(y_perm)
-    y[:, row_index] = y_perm
+    y = y_perm.index_select(1, torch.argsort(row_index))      # y[:, row_index] = y_perm (a gather: faster)
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*lead, m).to(x.dtype)
@@ -91,8 +90,7 @@ def clustered_reconstruct(v_cat: torch.Tensor, u_packed: torch.Tensor, row_index
         r0, r1, k0, k1 = ro[c], ro[c + 1], ko[c], ko[c + 1]
         if r1 > r0 and k1 > k0:
             w_perm[r0:r1] = u_packed[r0:r1, : k1 - k0].float() @ v_cat[:, k0:k1].float().T
-    w = torch.empty_like(w_perm)
-    w[row_index] = w_perm
+    w = w_perm.index_select(0, torch.argsort(row_index))      # w[row_index] = w_perm
     return w.to(v_cat.dtype)
 
 

@@ -40,7 +40,7 @@ def _reconstruct_kernel(v_ptr, u_ptr, row_index_ptr, row_offsets_ptr, rank_offse
     offs_r = tl.arange(0, BLOCK_R)
     v_base = v_ptr + b * stride_vb
     u_base = u_ptr + b * stride_ub
-    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_P, BLOCK_N), 0.0, dtype=tl.float32)
     for c in range(0, NUM_CLUSTERS):
         r0 = tl.load(row_offsets_ptr + c).to(tl.int32)
         r1 = tl.load(row_offsets_ptr + c + 1).to(tl.int32)

@@ -35,8 +35,8 @@ def _bmm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
                 INPUT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     bid = tl.program_id(1).to(tl.int64)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
     group = GROUP_M * num_pid_n
     first_m = (pid // group) * GROUP_M
     group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
@@ -47,7 +47,7 @@ def _bmm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
     offs_k = tl.arange(0, BLOCK_K)
     a_base = a_ptr + bid * stride_ab
     b_base = b_ptr + bid * stride_bb
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         aa = tl.load(a_base + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,

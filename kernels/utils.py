@@ -87,7 +87,9 @@ _INTERPRETED: dict = {}
 
 def launchable(kernel):
     """The kernel to launch: its interpreter twin when TRITON_INTERPRET=1 was set only after the kernel
-    module was imported (``@triton.jit`` picks compiled vs. interpreted when it decorates)."""
+    module was imported (``@triton.jit`` picks compiled vs. interpreted when it decorates). For this to
+    work the kernels call no @jit helpers of triton.language (tl.cdiv, tl.zeros): those were decorated at
+    triton's import too. Use ``(a + b - 1) // b`` and ``tl.full``."""
     if not interpret():
         return kernel
     from triton.runtime.interpreter import InterpretedFunction

@@ -382,3 +382,27 @@ print("ok")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
                          cwd="/")
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@needs_triton
+def test_interpreter_enabled_after_import():
+    """Other test modules may import c2i_fast (hence triton and the kernels) before TRITON_INTERPRET=1 is set;
+    the launchers must still run the kernels in the interpreter then."""
+    code = LOADER + """
+import os
+import torch
+K = load_kernels()
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["C2I_KERNELS"] = "triton"
+x, u, v = torch.randn(5, 30), torch.randn(20, 4), torch.randn(30, 4)
+assert torch.allclose(K.lowrank_matmul(x, u, v), x @ v @ u.T, atol=1e-4)
+ro, ko, ri = torch.tensor([0, 8, 20]), torch.tensor([0, 2, 4]), torch.randperm(20)
+assert K.clustered_lowrank_matmul(x, torch.randn(30, 4), torch.randn(20, 2), ri, ro, ko).shape == (5, 20)
+assert K.clustered_reconstruct(torch.randn(30, 4), torch.randn(20, 2), ri, ro, ko).shape == (20, 30)
+assert K.randomized_svd(torch.randn(2, 20, 30), 3)[1].shape == (2, 3)
+print("ok")
+"""
+    env = {k: val for k, val in os.environ.items() if k not in ("C2I_KERNELS", "TRITON_INTERPRET")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd="/")
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

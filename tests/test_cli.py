@@ -1,0 +1,117 @@
+"""End to end: `c2i adapt` / `eval` / `laser` / `apply` / `export` on the real SmolLM2 and real data, and one
+clear error (exit 2, culprit named, nothing written) for each bad input."""
+import json
+
+import pytest
+import torch
+
+from c2i_fast.cli import main
+from c2i_fast.evaluate import Scorer
+from c2i_fast.tasks import Example
+
+SMALL = ["--model", "smollm2", "--samples", "24", "--test-size", "24", "--top-k", "2",
+         "--rank-fractions", "0.5,0.05", "--clusters", "1,2", "--methods", "block,kmeans", "--max-evals", "6",
+         "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def fever_run(tmp_path_factory, smollm2):
+    out = tmp_path_factory.mktemp("run") / "fever"
+    assert main(["adapt", "--task", "fever", "--out", str(out), *SMALL]) == 0
+    return out
+
+
+def test_adapt_writes_plan_and_report_and_never_loses_to_base_on_selection(fever_run):
+    plan = json.loads((fever_run / "plan.json").read_text())
+    rep = json.loads((fever_run / "report.json").read_text())
+    assert plan["base_model"] == "smollm2" and plan["fingerprint"].startswith("sha256:")
+    assert plan["meta"]["seed"] == 0 and plan["meta"]["task"] == "fever"
+    sel, test = rep["selection"], rep["test"]
+    assert sel["adapted"]["accuracy"] >= sel["base"]["accuracy"]
+    if sel["adapted"]["accuracy"] == sel["base"]["accuracy"]:
+        assert sel["adapted"]["log_loss"] <= sel["base"]["log_loss"]
+    for part in ("base", "adapted"):
+        for k in ("accuracy", "accuracy_sum", "accuracy_mean", "log_loss", "choice_loss", "majority"):
+            assert k in test[part]
+        assert test[part]["n"] == 24
+    assert rep["search"]["n_evaluated"] == 6 and len(rep["search"]["candidates"]) == 2 * 2 * (1 + 2)
+    assert {"load", "scan_gradient", "scan_svd", "search", "test_base", "total"} <= set(rep["timings"])
+    assert rep["forward_passes"]["search_layer_passes"] > 0
+    assert len(rep["scan"]["matrices"]) == 210
+    if plan["edits"]:
+        assert (fever_run / "adapted.safetensors").is_file()
+        assert rep["accounting"]["total"]
+
+
+def test_eval_of_the_adapted_directory_reproduces_the_held_out_numbers(fever_run, capsys):
+    rep = json.loads((fever_run / "report.json").read_text())
+    assert main(["eval", "--model", "smollm2", "--task", "fever", "--samples", "24", "--test-size", "24",
+                 "--adapted", str(fever_run), "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["base"]["accuracy"] == rep["test"]["base"]["accuracy"]
+    assert abs(out["base"]["log_loss"] - rep["test"]["base"]["log_loss"]) < 1e-5
+    if rep["plan"]:
+        assert out["adapted"]["accuracy"] == rep["test"]["adapted"]["accuracy"]
+        assert abs(out["adapted"]["log_loss"] - rep["test"]["adapted"]["log_loss"]) < 1e-4
+
+
+def test_laser_in_the_same_harness(tmp_path):
+    out = tmp_path / "laser"
+    assert main(["laser", "--model", "smollm2", "--task", "fever", "--val-size", "16", "--test-size", "16",
+                 "--layers", "28,29", "--rank-fractions", "0.1,0.01", "--out", str(out), "--quiet"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["search"]["n_evaluated"] == 2 * 2 * 2         # {mlp_in, mlp_out} × 2 layers × 2 ρ
+    assert {c["matrix"] for c in rep["search"]["candidates"]} == {
+        f"model.layers.{l}.mlp.{t}_proj" for l in (28, 29) for t in ("gate", "down")}
+    assert rep["selection"]["adapted"]["accuracy"] >= rep["selection"]["base"]["accuracy"]
+
+
+def test_generation_scores_the_continuation_not_the_prompt(smollm2):
+    # "Paris" is in the prompt; the model continues with Berlin. Only the continuation counts.
+    ex = Example("p", "Paris is in France. Rome is in Italy. The capital of Germany is", " Paris",
+                 answers=["Paris"])
+    sc = Scorer(smollm2.model, smollm2.tokenizer, [ex], "generation", max_new_tokens=4)
+    gen = sc.generate()
+    assert "berlin" in gen["texts"][0].lower() and gen["correct"] == [False]
+    ex2 = Example("b", ex.prompt, " Berlin", answers=["Berlin"])
+    assert Scorer(smollm2.model, smollm2.tokenizer, [ex2], "generation", max_new_tokens=4).generate()["correct"] == [True]
+
+
+def _jsonl(path, recs):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in recs))
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing_file", "malformed", "rho", "k_rows", "unknown_task", "top_k",
+                                  "unknown_model"])
+def test_bad_input_is_one_clear_error(case, tmp_path, capsys):
+    good = {"id": "a", "prompt": "Is water wet?", "answer": "yes", "choices": ["yes", "no"]}
+    args = ["adapt", "--model", "smollm2", "--task", "fever", "--quiet", "--samples", "4", "--test-size", "4"]
+    needle = {
+        "missing_file": str(tmp_path / "missing.jsonl"),
+        "malformed": f"{tmp_path / 'bad.jsonl'}:2: malformed JSON",
+        "rho": "ρ=1.5 must be in (0, 1]",
+        "k_rows": "--clusters 4096 is invalid",
+        "unknown_task": "unknown task 'nope'",
+        "top_k": "--top-k must be ≥ 1",
+        "unknown_model": "model path ./no/such/model does not exist",
+    }[case]
+    if case == "missing_file":
+        args[args.index("fever")] = str(tmp_path / "missing.jsonl")
+    elif case == "malformed":
+        args[args.index("fever")] = str(_jsonl(tmp_path / "bad.jsonl", [good, "{oops"]))
+    elif case == "rho":
+        args += ["--rank-fractions", "0.5,1.5"]
+    elif case == "k_rows":
+        args += ["--clusters", "1,4096", "--top-k", "1", "--max-evals", "1"]
+    elif case == "unknown_task":
+        args[args.index("fever")] = "nope"
+    elif case == "top_k":
+        args += ["--top-k", "0"]
+    elif case == "unknown_model":
+        args[args.index("smollm2")] = "./no/such/model"
+    out = tmp_path / "out"
+    assert main(args + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("c2i: error: ") and needle in err[0], err
+    assert not (out / "plan.json").exists() and not (out / "report.json").exists()

@@ -1,0 +1,61 @@
+"""bench/bench_kernels.py runs (--tiny: a few tiny shapes, seconds) and writes JSON with the promised fields."""
+import os
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # same process as the interpreter tests: set it early
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("c2i_bench_kernels", REPO / "bench" / "bench_kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["c2i_bench_kernels"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_tiny_writes_json(bench, tmp_path, monkeypatch):
+    monkeypatch.delenv("C2I_KERNELS", raising=False)
+    monkeypatch.delenv("C2I_KERNELS_POISON", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # see test_kernels_rsvd.one_thread
+    try:
+        out = tmp_path / "kernels-test.json"
+        doc = bench.main(["--tiny", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads(out.read_text())
+    assert data["schema"] == doc["schema"] and data["mode"] == "tiny"
+    for key in ("date", "device", "versions", "ceilings", "cases", "goals", "skipped", "timing"):
+        assert key in data
+    assert data["device"]["name"] and data["versions"]["torch"] == torch.__version__ and "triton" in data["versions"]
+    ceil = data["ceilings"]
+    assert ceil["copy_GBps"] > 0 and all(v["TFLOPs"] > 0 for v in ceil["matmul"].values())
+    assert {c["op"] for c in data["cases"]} == {"lowrank", "clustered", "reconstruct", "rsvd"}
+    for case in data["cases"]:
+        assert case["impls"] and "ratios" in case
+        for name, imp in case["impls"].items():
+            if "skipped" in imp:
+                assert isinstance(imp["skipped"], str) and imp["skipped"]
+                continue
+            for field in ("median_ms", "p20_ms", "p80_ms", "GBps", "TFLOPs", "roofline_frac"):
+                assert imp[field] is not None and imp[field] >= 0, (case["case"], name, field)
+            assert imp["median_ms"] > 0
+        if "check_relerr" in case["info"]:
+            assert case["info"]["check_relerr"] < 1e-4, case["case"]
+    rs = [c for c in data["cases"] if c["op"] == "rsvd"]
+    assert rs and rs[0]["info"]["err_over_optimum"]["c2i.randomized_svd"] < 1.05
+    assert len(data["goals"]) == 7 and all("status" in g for g in data["goals"])
+    if not torch.cuda.is_available():
+        lr = next(c for c in data["cases"] if c["op"] == "lowrank")
+        assert "CUDA" in lr["impls"]["triton.launcher"]["skipped"]
+        assert all(g["status"].startswith("not measured") for g in data["goals"])
