@@ -156,7 +156,7 @@ def time_fn(fn, min_time: float) -> dict:
 def measure_ceilings(mode: str) -> dict:
     """The device's own copy bandwidth and dense matmul rate, measured now."""
     big = mode == "full" or (CUDA and mode == "quick")
-    nbytes = (1 << 30) if CUDA and big else ((64 << 20) if big else (8 << 20))
+    nbytes = (1 << 30) if CUDA and mode != "tiny" else ((64 << 20) if mode != "tiny" else (8 << 20))
     x = torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE).normal_()
     y = torch.empty_like(x)
     t = time_fn(lambda: y.copy_(x), 0.1 if mode != "tiny" else 0.002)

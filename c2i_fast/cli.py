@@ -36,9 +36,9 @@ def _strs(text: str) -> tuple:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
-def _common(p: argparse.ArgumentParser, out_required: bool = True):
-    p.add_argument("--model", required=True, help="hub id, local directory, .gguf file, or alias 'smollm2'")
-    p.add_argument("--task", required=True, help="task name from the data manifest (e.g. fever) or a .jsonl file")
+def _common(p: argparse.ArgumentParser, out_required: bool = True, required: bool = True):
+    p.add_argument("--model", required=required, help="hub id, local directory, .gguf file, or alias 'smollm2'")
+    p.add_argument("--task", required=required, help="task name from the manifest (e.g. fever) or a .jsonl file")
     p.add_argument("--data-dir", help="folder with the task JSONL files (default: $C2I_DATA or shared/data)")
     p.add_argument("--metric", choices=["classification", "recall", "generation"],
                    help="task kind of a user JSONL file (default: classification if it has choices, else recall)")
@@ -50,7 +50,7 @@ def _common(p: argparse.ArgumentParser, out_required: bool = True):
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     if out_required:
-        p.add_argument("--out", required=True, help="output directory")
+        p.add_argument("--out", required=required, help="output directory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("adapt", help="scan, search and apply a C2I plan; writes plan, factors and report")
-    _common(a)
+    _common(a, required=False)     # --model/--task/--out are checked in _run (not needed with --resume)
     a.add_argument("--samples", type=int, default=100, help="selection sample size (default 100)")
     a.add_argument("--top-k", type=int, default=5, help="matrices inspected after the gradient scan")
     a.add_argument("--rank-fractions", type=_floats, default=DEFAULT_RANK_FRACTIONS, help="ρ grid, e.g. 0.1,0.01")
@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scan loss: gold-answer cross-entropy or choice-restricted (classification)")
     a.add_argument("--score", choices=["first_order", "grad_norm"], default="first_order")
     a.add_argument("--draws", type=int, default=1, help="repeat selection on N disjoint samples")
-    a.add_argument("--resume", action="store_true", help="continue a killed run in --out from its journal")
+    a.add_argument("--resume", metavar="DIR", help="continue a killed `c2i adapt` run in DIR with its saved "
+                   "configuration; candidates already in its journal are not evaluated again")
 
     l = sub.add_parser("laser", help="LASER's exhaustive search in the same harness")
     _common(l)
@@ -121,6 +122,9 @@ def _summary(rep: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+    # Before torch loads: OpenMP busy-waiting makes LAPACK (SVD/QR) up to 100x slower when the cores are shared.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
@@ -135,14 +139,21 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from . import pipeline
     progress = not args.quiet
-    if args.command == "adapt":
+    if args.command == "adapt" and args.resume:
+        cfg = pipeline.resume_config(args.resume, progress=progress, threads=args.threads)
+        rep = pipeline.adapt(cfg)
+        print(_summary(rep))
+    elif args.command == "adapt":
         from .models import MATRIX_TYPES
+        missing = [f"--{k}" for k in ("model", "task", "out") if not getattr(args, k)]
+        if missing:
+            raise C2IError(f"adapt needs {', '.join(missing)} (or --resume DIR)")
         cfg = pipeline.AdaptConfig(
             model=args.model, task=args.task, out=args.out, samples=args.samples, test_size=args.test_size,
             top_k=args.top_k, rank_fractions=args.rank_fractions, clusters=args.clusters, methods=args.methods,
             types=args.types or MATRIX_TYPES, max_evals=args.max_evals, compose=args.compose, seed=args.seed,
             loss=args.loss, score=args.score, scoring=args.scoring, data_dir=args.data_dir, metric=args.metric,
-            batch_tokens=args.batch_tokens, resume=args.resume, progress=progress, draws=args.draws,
+            batch_tokens=args.batch_tokens, resume=False, progress=progress, draws=args.draws,
             threads=args.threads)
         rep = pipeline.adapt(cfg)
         print(_summary(rep))

@@ -31,6 +31,7 @@ from .tasks import check_tokenization, load_task, split
 from .transform import Edit, Plan, atomic_write_text, factorize_
 
 JOURNAL = "journal.jsonl"
+CONFIG = "config.json"
 REPORT = "report.json"
 
 
@@ -59,6 +60,7 @@ class AdaptConfig:
     progress: bool = True
     draws: int = 1
     threads: int | None = None
+    dense_candidates: bool = False      # paper-faithful: dense rebuild + full forward per candidate (bench)
 
 
 def _log(cfg, msg: str):
@@ -152,6 +154,22 @@ def _held_out(lm, task, test, cfg, plan_cands: list[Candidate], timings: dict) -
     return base, adapted
 
 
+def resume_config(directory: str, **overrides) -> AdaptConfig:
+    """The AdaptConfig of the run in ``directory`` (its config.json), set to resume."""
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise C2IError(f"--resume {directory}: no {CONFIG} there (was it written by `c2i adapt`?)")
+    try:
+        d = json.loads(path.read_text())
+        cfg = AdaptConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    except (json.JSONDecodeError, TypeError) as e:
+        raise C2IError(f"{path} is not a valid run configuration: {e}") from e
+    cfg.resume = True
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
 def adapt(cfg: AdaptConfig) -> dict:
     """Run C2I end to end; returns the report dict (also written to ``<out>/report.json``)."""
     _check_common(cfg)
@@ -161,10 +179,13 @@ def adapt(cfg: AdaptConfig) -> dict:
         raise C2IError(f"--draws must be ≥ 1, got {cfg.draws}")
     out = Path(cfg.out)
     if out.exists() and not cfg.resume and any(out.iterdir()):
-        raise C2IError(f"--out {out} exists and is not empty (use --resume to continue a run there)")
+        raise C2IError(f"--out {out} exists and is not empty (use --resume {out} to continue a run there)")
     t_start = time.perf_counter()
     lm, task, t_load = _prepare(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
+             if k not in ("resume", "progress", "threads")}
+    atomic_write_text(out / CONFIG, json.dumps(saved, indent=2) + "\n")
     timings = {"load": t_load}
     draws = []
     for draw in range(cfg.draws):
@@ -211,13 +232,13 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
     timings["candidates"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    cache = PrefixCache() if task.kind != "generation" else None
-    base_sel = sel.evaluate(cache, capture={m.layer for m in top})
+    cache = PrefixCache() if task.kind != "generation" and not cfg.dense_candidates else None
+    base_sel = sel.evaluate(cache, capture={m.layer for m in top} if cache is not None else set())
     timings["select_base"] = time.perf_counter() - t2
     journal = out / (JOURNAL if draw == 0 else f"journal.draw{draw}.jsonl")
     done = _read_journal(journal) if cfg.resume else {}
     res = search(sel, cands, base_sel, cache, n_layers, cfg.max_evals, cfg.compose, cfg.loss, cfg.progress,
-                 on_result=_journal_writer(journal), done=done)
+                 on_result=_journal_writer(journal), done=done, dense=cfg.dense_candidates)
     timings["search"] = res.seconds["search"]
     _log(cfg, f"[c2i] evaluated {len(res.evaluated)} of {len(cands)} candidates; plan: "
               + (", ".join(f"{c.edit.matrix} ρ={c.edit.rank_fraction} k={c.edit.n_clusters} {c.edit.method}"
@@ -351,7 +372,7 @@ def laser(cfg: LaserConfig) -> dict:
                 c.result = done[c.key()]
             else:
                 tc = time.perf_counter()
-                c.result = _laser_dense_eval(val, r, c) if cfg.faithful else evaluate_candidate(val, c, cache)
+                c.result = evaluate_candidate(val, c, cache, dense=cfg.faithful)
                 c.seconds = time.perf_counter() - tc
                 passes += n_layers if cache is None else n_layers - r.layer
                 write(c)
@@ -383,23 +404,6 @@ def laser(cfg: LaserConfig) -> dict:
     }
     atomic_write_text(out / REPORT, json.dumps(report, indent=2, default=str) + "\n")
     return report
-
-
-def _laser_dense_eval(scorer: Scorer, ref, c: Candidate) -> dict:
-    """LASER's way: rebuild the rank-reduced weight dense, write it into the parameter, run a full forward."""
-    from .decompose import rank_for
-    w = ref.weight()
-    original = ref.param.data.clone()
-    svd = c.source
-    f = svd.truncate(rank_for(c.edit.rank_fraction, *svd.shape))
-    dense = (f.u @ f.v.T).to(w.dtype)
-    with torch.no_grad():
-        ref.param.data.copy_(dense.T if ref.transposed else dense)
-    try:
-        return scorer.evaluate()
-    finally:
-        with torch.no_grad():
-            ref.param.data.copy_(original)
 
 
 # ---------------------------------------------------------------------------------------------------------

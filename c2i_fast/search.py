@@ -52,9 +52,8 @@ def build_candidates(scans: list[MatrixScan], refs: dict[str, MatrixRef], rank_f
                      seed: int = 0, progress: bool = True) -> list[Candidate]:
     """All (matrix, ρ, k, method) candidates for the scanned top matrices, with their first-order ΔL̂.
 
-    k = 1 is one plain truncated SVD (its method is recorded as "block"; there is nothing to cluster). Block
-    and k-means labels do not depend on ρ, so their per-cluster SVDs are computed once per (k, method);
-    projective clustering fits subspaces of the per-cluster rank, so it is refitted per ρ.
+    k = 1 is one plain truncated SVD (its method is recorded as "block"; there is nothing to cluster). Labels
+    and per-cluster SVDs are computed once per (matrix, k, method) and serve every ρ as prefixes.
     """
     for rho in rank_fractions:
         rank_for(rho, 1, 1)
@@ -71,14 +70,17 @@ def build_candidates(scans: list[MatrixScan], refs: dict[str, MatrixRef], rank_f
                                  -float((ms.sigma[rank_for(rho, m, n):].double()
                                          * ms.g_sigma[rank_for(rho, m, n):].double()).sum()),
                                  ms.svd))
+        # Projective clustering fits k subspaces of one dimension j. Refitting it for every ρ multiplies its
+        # cost by the grid, so it is fitted once per k at the rank of the ρ the scan predicts best for this
+        # matrix (argmin of the first-order ΔL̂), like block / k-means labels are computed once per k.
+        best_rho = min(ms.delta, key=lambda r: (ms.delta[r], r)) if ms.delta else min(rank_fractions)
         for k in [k for k in clusters if k > 1]:
             for method in methods:
-                fitted = None
+                j = rank_for(best_rho, -(-m // k), n)
+                kw = {"iters": 5, "restarts": 0} if method == "projective" else {}
+                labels = assign_clusters(w, k, method, rank=j, seed=seed, **kw)
+                fitted = ClusteredSVD.fit(w, labels, k, name=ms.name)
                 for rho in rank_fractions:
-                    if fitted is None or method == "projective":
-                        j = rank_for(rho, -(-m // k), n)
-                        labels = assign_clusters(w, k, method, rank=j, seed=seed)
-                        fitted = ClusteredSVD.fit(w, labels, k, name=ms.name)
                     out.append(Candidate(Edit(ms.name, rho, k, method, seed), ms.layer,
                                          fitted.truncation_delta(ms.grad, rho), fitted))
     return out
@@ -90,12 +92,18 @@ def _factors(c: Candidate):
     return c.source.factors(c.edit.rank_fraction)
 
 
-def evaluate_candidate(scorer: Scorer, c: Candidate, cache: PrefixCache | None, applied: list[Candidate] = ()
-                       ) -> dict:
-    """Swap in the candidate (on top of ``applied``), score it from its lowest edited layer, swap back."""
+def evaluate_candidate(scorer: Scorer, c: Candidate, cache: PrefixCache | None, applied: list[Candidate] = (),
+                       dense: bool = False) -> dict:
+    """Swap in the candidate (on top of ``applied``), score it from its lowest edited layer, swap back.
+
+    ``dense=True`` is the paper-faithful/LASER way, kept for the speed bench: rebuild Ŵ dense, write it into
+    the weight in place and run a full forward (no factored modules, no prefix cache).
+    """
     model = scorer.model
     extra = [a for a in applied if a.edit.matrix != c.edit.matrix]
     todo = extra + [c]
+    if dense:
+        return _evaluate_dense(scorer, todo)
     factorize_(model, [a.edit for a in todo], factors={a.edit.matrix: _factors(a) for a in todo})
     try:
         start = min(a.layer for a in todo)
@@ -104,6 +112,22 @@ def evaluate_candidate(scorer: Scorer, c: Candidate, cache: PrefixCache | None, 
         return scorer.evaluate(cache, start_layer=start)
     finally:
         restore_(model, [a.edit.matrix for a in todo])
+
+
+def _evaluate_dense(scorer: Scorer, todo: list[Candidate]) -> dict:
+    from .models import find_matrix
+    refs = [find_matrix(scorer.model, a.edit.matrix) for a in todo]
+    saved = [r.param.data.clone() for r in refs]
+    try:
+        with torch.no_grad():
+            for a, r in zip(todo, refs):
+                w_hat = _factors(a).reconstruct().to(r.param.dtype)
+                r.param.data.copy_(w_hat.T if r.transposed else w_hat)
+        return scorer.evaluate()
+    finally:
+        with torch.no_grad():
+            for r, w in zip(refs, saved):
+                r.param.data.copy_(w)
 
 
 @dataclass
@@ -143,7 +167,8 @@ def spearman(a: list[float], b: list[float]) -> float | None:
 
 def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: PrefixCache | None,
            n_layers: int, max_evals: int | None = None, compose: int = 0, loss_kind: str = "answer",
-           progress: bool = True, on_result=None, done: dict[str, dict] | None = None) -> SearchResult:
+           progress: bool = True, on_result=None, done: dict[str, dict] | None = None,
+           dense: bool = False) -> SearchResult:
     """Evaluate candidates in order of predicted ΔL̂ (at most ``max_evals``), pick the best that beats the base
     model (accuracy, ties by log-loss), then greedily try to compose up to ``compose`` more edits on other
     matrices, each kept only if it improves the selection score.
@@ -160,9 +185,9 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
             c.result = done[c.key()]
             continue
         t = time.perf_counter()
-        c.result = evaluate_candidate(scorer, c, cache)
+        c.result = evaluate_candidate(scorer, c, cache, dense=dense)
         c.seconds = time.perf_counter() - t
-        passes += n_layers - c.layer if cache is not None else n_layers
+        passes += n_layers - c.layer if cache is not None and not dense else n_layers
         if on_result is not None:
             on_result(c)
     evaluated = [c for c in todo if c.result is not None]
@@ -182,8 +207,8 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
             if any(p.edit.matrix == c.edit.matrix for p in plan):
                 continue
             tries += 1
-            res = evaluate_candidate(scorer, c, cache, applied=plan)
-            passes += n_layers - min(p.layer for p in plan + [c]) if cache is not None else n_layers
+            res = evaluate_candidate(scorer, c, cache, applied=plan, dense=dense)
+            passes += n_layers - min(p.layer for p in plan + [c]) if cache is not None and not dense else n_layers
             if better(res, final):
                 plan.append(c)
                 final = res

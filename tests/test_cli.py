@@ -115,3 +115,30 @@ def test_bad_input_is_one_clear_error(case, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("c2i: error: ") and needle in err[0], err
     assert not (out / "plan.json").exists() and not (out / "report.json").exists()
+
+
+def test_apply_and_export_commands(fever_run, tmp_path, smollm2):
+    from safetensors.torch import load_file
+    plan = json.loads((fever_run / "plan.json").read_text())
+    if not plan["edits"]:
+        pytest.skip("the small search found no edit that beat the base model")
+    applied = tmp_path / "applied"
+    assert main(["apply", "--model", "smollm2", "--plan", str(fever_run / "plan.json"), "--out", str(applied)]) == 0
+    a, b = load_file(str(fever_run / "adapted.safetensors")), load_file(str(applied / "adapted.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # same SVDs → same factors
+    exported = tmp_path / "dense"
+    assert main(["export", "--model", "smollm2", "--adapted", str(applied), "--out", str(exported)]) == 0
+    from transformers import AutoModelForCausalLM
+    from c2i_fast.artifacts import load_adapted
+    from c2i_fast.transform import restore_
+    dense = AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32)
+    ids = smollm2.tokenizer("Consider the following claim: The sky is green.", return_tensors="pt").input_ids
+    load_adapted(smollm2.model, str(applied))
+    try:
+        with torch.no_grad():
+            want = smollm2.model(ids).logits
+    finally:
+        restore_(smollm2.model)
+    with torch.no_grad():
+        got = dense(ids).logits
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
