@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scan loss: gold-answer cross-entropy or choice-restricted (classification)")
     a.add_argument("--score", choices=["first_order", "grad_norm"], default="first_order")
     a.add_argument("--draws", type=int, default=1, help="repeat selection on N disjoint samples")
+    a.add_argument("--no-report", action="store_true", help="do not render the HTML/PNG report")
     a.add_argument("--resume", metavar="DIR", help="continue a killed `c2i adapt` run in DIR with its saved "
                    "configuration; candidates already in its journal are not evaluated again")
 
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--types", type=_strs, default=("mlp_in", "mlp_out"))
     l.add_argument("--layers", type=_ints, default=None, help="layers to search (default all)")
     l.add_argument("--faithful", action="store_true", help="dense rebuild + full forward per candidate")
+    l.add_argument("--no-report", action="store_true", help="do not render the HTML/PNG report")
     l.add_argument("--resume", action="store_true")
 
     e = sub.add_parser("eval", help="held-out metrics of a base model, and of an adapted directory")
@@ -98,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
 
+    r = sub.add_parser("report", help="render DIR/report.json to DIR/report/index.html + PNG figures")
+    r.add_argument("dir", help="output directory of `c2i adapt` / `c2i laser` (or a report.json)")
+    r.add_argument("--out", help="where to write the page (default DIR/report)")
+    r.add_argument("--quiet", action="store_true")
+
     x = sub.add_parser("export", help="write a dense Hugging Face checkpoint of an adapted model")
     x.add_argument("--model", required=True)
     x.add_argument("--adapted", required=True, help="directory written by `c2i adapt` / `c2i apply`")
@@ -106,19 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _summary(rep: dict) -> str:
-    lines = [f"task {rep['task']['name']}  plan: " + (", ".join(
-        f"{e['matrix']} ρ={e['rank_fraction']} k={e['n_clusters']} {e['method']}" for e in rep["plan"]) or "none")]
-    lines.append(f"{'split':<10}{'model':<9}{'acc':>7}{'acc_sum':>9}{'acc_mean':>10}{'log_loss':>10}{'majority':>10}")
-    for split_name, key in (("selection", "selection"), ("held-out", "test")):
-        for which in ("base", "adapted"):
-            m = rep[key][which]
-            f = lambda k: f"{m[k]:.3f}" if isinstance(m.get(k), (int, float)) else "-"  # noqa: E731
-            lines.append(f"{split_name:<10}{which:<9}{f('accuracy'):>7}{f('accuracy_sum'):>9}"
-                         f"{f('accuracy_mean'):>10}{f('log_loss'):>10}{m['majority']['accuracy']:>10.3f}")
-    t = rep.get("timings", {})
-    lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
-    return "\n".join(lines)
+def _finish(rep: dict, out: str, no_report: bool) -> None:
+    """Summary table on stdout; the HTML/PNG report unless --no-report (a missing matplotlib does not fail a
+    finished run)."""
+    from .report import render_report, summary_table
+    print(summary_table(rep))
+    print(f"wrote {out}/plan.json, {out}/report.json")
+    if not no_report:
+        try:
+            print(f"wrote {render_report(out)}")
+        except C2IError as e:
+            print(f"c2i: report not rendered: {e}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +147,7 @@ def _run(args) -> int:
     if args.command == "adapt" and args.resume:
         cfg = pipeline.resume_config(args.resume, progress=progress, threads=args.threads)
         rep = pipeline.adapt(cfg)
-        print(_summary(rep))
+        _finish(rep, cfg.out, args.no_report)
     elif args.command == "adapt":
         from .models import MATRIX_TYPES
         missing = [f"--{k}" for k in ("model", "task", "out") if not getattr(args, k)]
@@ -156,8 +161,7 @@ def _run(args) -> int:
             batch_tokens=args.batch_tokens, resume=False, progress=progress, draws=args.draws,
             threads=args.threads)
         rep = pipeline.adapt(cfg)
-        print(_summary(rep))
-        print(f"wrote {args.out}/plan.json, {args.out}/report.json")
+        _finish(rep, cfg.out, args.no_report)
     elif args.command == "laser":
         cfg = pipeline.LaserConfig(
             model=args.model, task=args.task, out=args.out, val_size=args.val_size, test_size=args.test_size,
@@ -165,8 +169,7 @@ def _run(args) -> int:
             scoring=args.scoring, data_dir=args.data_dir, metric=args.metric, batch_tokens=args.batch_tokens,
             faithful=args.faithful, progress=progress, threads=args.threads, resume=args.resume)
         rep = pipeline.laser(cfg)
-        print(_summary(rep))
-        print(f"wrote {args.out}/plan.json, {args.out}/report.json")
+        _finish(rep, cfg.out, args.no_report)
     elif args.command == "eval":
         cfg = pipeline.EvalConfig(
             model=args.model, task=args.task, plan=args.adapted, samples=args.samples, test_size=args.test_size,
@@ -186,6 +189,10 @@ def _run(args) -> int:
         factorize_(lm.model, plan)
         save_adapted(lm.model, Plan(plan.edits, base_model=args.model, meta=plan.meta), args.out)
         print(f"wrote {args.out}")
+    elif args.command == "report":
+        from .report import load_report, render_report, summary_table
+        print(summary_table(load_report(args.dir)[0]))
+        print(f"wrote {render_report(args.dir, args.out)}")
     elif args.command == "export":
         from .artifacts import export_dense, load_adapted
         from .models import load_model

@@ -39,7 +39,8 @@ TYPE_ORDER = ("q", "k", "v", "qkv", "o", "mlp_in", "mlp_up", "mlp_out")
 PHASES = {"load": "load model", "scan_gradient": "scan: gradient pass", "scan_svd": "scan: SVDs",
           "candidates": "build candidates", "select_base": "selection: base", "val_base": "validation: base",
           "search": "search", "svd": "SVDs", "test_base": "held-out: base", "test_adapted": "held-out: adapted"}
-K_COLOURS = ("#dd8452", "#55a868", "#4c72b0", "#c44e52", "#8172b3", "#937860", "#da8bc3")
+K_COLOURS = ("#dd8452", "#55a868", "#4c72b0", "#c44e52", "#937860", "#da8bc3", "#8c8c8c")
+MAJORITY_COLOUR = "#7b3294"
 METHOD_STYLE = {"block": ("-", "o"), "kmeans": ("--", "s"), "projective": (":", "^")}
 DPI = 110
 
@@ -194,7 +195,8 @@ def _headline(report: dict) -> list[str]:
            + (f" on {adapted['n']} examples" if _num(adapted.get("n")) else "") + "."]
     n = _num(adapted.get("n"))
     if a1 is not None and n and n >= 1:
-        out[0] += f" One standard error at this n is ±{100 * math.sqrt(max(a1 * (1 - a1), 1e-12) / n):.1f} pts."
+        se = 100 * math.sqrt(max(a1 * (1 - a1), 1e-12) / n)
+        out[0] += f" One standard error of an accuracy at this n is ±{se:.1f} pts."
     maj = _num(_get(adapted, "majority", "accuracy"))
     if maj is not None:
         label = _get(adapted, "majority", "label")
@@ -323,8 +325,7 @@ def fig_scan_heatmap(report: dict) -> bytes | None:
     else:   # one sign: lower is still better, darker red
         norm = matplotlib.colors.Normalize(float(finite.min()), float(finite.max()))
         cmap = matplotlib.colormaps["Reds_r"]
-    cmap = cmap.copy()
-    cmap.set_bad("#f0f0f0")
+    cmap = cmap.with_extremes(bad="#f0f0f0")
 
     fig = Figure(figsize=(max(6.0, 0.26 * n_layers + 2.4), 0.42 * len(types) + 1.6))
     ax = fig.add_subplot()
@@ -382,11 +383,13 @@ def fig_search_rho(report: dict, max_matrices: int = 6, per_row: int = 3) -> byt
     matplotlib, Figure, _ = _mpl()
     best_by_matrix: dict[str, float] = {}
     order: list[str] = []
-    for c in cands:
+    for c in _dicts(_get(report, "search", "candidates")):      # every inspected matrix, evaluated or not
         name = c.get("matrix")
         if name not in best_by_matrix:
             order.append(name)
-        best_by_matrix[name] = max(best_by_matrix.get(name, -1.0), c["accuracy"])
+            best_by_matrix[name] = -1.0
+        if c in cands:
+            best_by_matrix[name] = max(best_by_matrix[name], c["accuracy"])
     scanned = [m.get("matrix") for m in _dicts(_get(report, "scan", "matrices"))]
     first = {n: i for i, n in enumerate(order)}
     order.sort(key=lambda n: scanned.index(n) if n in scanned else len(scanned) + first[n])
@@ -426,6 +429,10 @@ def fig_search_rho(report: dict, max_matrices: int = 6, per_row: int = 3) -> byt
         for c in cands:
             if c.get("matrix") == name:
                 groups.setdefault((int(c.get("n_clusters", 1)), str(c.get("method", "block"))), []).append(c)
+        if not groups:
+            ax_acc.text(0.5, 0.5, "no candidate evaluated\n(pruned by predicted ΔL̂)", transform=ax_acc.transAxes,
+                        ha="center", va="center", fontsize=8, color="#666", zorder=6,
+                        bbox=dict(facecolor="white", edgecolor="#ddd", boxstyle="round,pad=0.4"))
         for ax, key in ((ax_acc, "accuracy"), (ax_ll, "log_loss")):
             _style(ax)
             ref = b_acc if key == "accuracy" else b_ll
@@ -433,7 +440,7 @@ def fig_search_rho(report: dict, max_matrices: int = 6, per_row: int = 3) -> byt
                 h = ax.axhline(ref, color="#888", linestyle=(0, (4, 3)), linewidth=1.1, zorder=1)
                 handles.setdefault("base model", h)
             if key == "accuracy" and maj is not None:
-                h = ax.axhline(maj, color="#c0504d", linestyle=":", linewidth=1.2, zorder=1)
+                h = ax.axhline(maj, color=MAJORITY_COLOUR, linestyle=":", linewidth=1.3, zorder=1)
                 handles.setdefault("majority class", h)
             for (k, method), cs in sorted(groups.items()):
                 cs = sorted((c for c in cs if _num(c.get(key)) is not None), key=lambda c: xpos[c["rank_fraction"]])
@@ -456,7 +463,8 @@ def fig_search_rho(report: dict, max_matrices: int = 6, per_row: int = 3) -> byt
             ax.set_xlim(-0.5, len(rhos) - 0.5)
             ax.margins(y=0.12)
         ax_acc.set_title(short_name(name), fontsize=9)
-        ax_acc.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+        ax_acc.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+        ax_acc.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{100 * v:.3g}%"))
         ax_acc.tick_params(labelbottom=False)
         ax_ll.tick_params(axis="x", labelsize=7.5)
         ax_ll.set_xlabel("kept rank fraction ρ  (→ more reduction)", fontsize=8)
@@ -474,8 +482,11 @@ def fig_search_rho(report: dict, max_matrices: int = 6, per_row: int = 3) -> byt
     if len(shown) < len(order):
         sub += f"; {len(shown)} of {len(order)} matrices shown (the plan's and the most accurate)"
     fig.suptitle(f"{title}\n{sub}", fontsize=10, x=0.01, ha="left")
-    ordered = sorted(handles, key=lambda lab: (lab not in ("base model", "majority class"),
-                                               lab != "plain SVD (k=1)", lab == "chosen (plan)", lab))
+    def legend_key(lab):
+        m = re.match(r"k=(\d+) (.*)", lab)
+        return (lab not in ("base model", "majority class"), lab != "plain SVD (k=1)", lab == "chosen (plan)",
+                int(m.group(1)) if m else 0, m.group(2) if m else lab)
+    ordered = sorted(handles, key=legend_key)
     fig.legend([handles[k] for k in ordered], ordered, loc="outside lower center",
                ncol=min(len(ordered), 2 * ncol + 1), fontsize=8, frameon=False)
     return _png(fig)
@@ -495,33 +506,47 @@ def fig_predicted_vs_measured(report: dict) -> bytes | None:
     ax = fig.add_subplot()
     _style(ax)
     names = list(dict.fromkeys(c.get("matrix") for c in pts))
-    cols = matplotlib.colormaps["tab10"]
-    marks = {1: "o", 2: "s", 4: "^", 8: "D", 16: "v"}
+    ks = sorted({int(c.get("n_clusters", 1)) for c in pts})
+    methods = sorted({str(c.get("method", "block")) for c in pts if int(c.get("n_clusters", 1)) != 1},
+                     key=lambda m: (list(METHOD_STYLE).index(m) if m in METHOD_STYLE else len(METHOD_STYLE), m))
     plan = _plan_keys(report)
     x = np.array([c["predicted_delta"] for c in pts], dtype=float)
     y = np.array([c[key] - base for c in pts], dtype=float)
     ax.axhline(0, color="#999", linewidth=0.8, zorder=1)
     ax.axvline(0, color="#999", linewidth=0.8, zorder=1)
     lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
-    ax.plot([lo, hi], [lo, hi], color="#bbb", linestyle="--", linewidth=0.9, zorder=1, label="measured = predicted")
-    for i, name in enumerate(names):
-        for k in sorted({int(c.get("n_clusters", 1)) for c in pts if c.get("matrix") == name}):
-            sel = [t for t, c in enumerate(pts) if c.get("matrix") == name and int(c.get("n_clusters", 1)) == k]
-            ax.scatter(x[sel], y[sel], s=34, marker=marks.get(k, "P"), color=cols(i % 10), alpha=0.85,
-                       edgecolor="white", linewidth=0.5, zorder=3)
-    for t, c in enumerate(pts):
-        if _cand_key(c) in plan:
-            ax.scatter(x[t], y[t], s=220, marker="*", color="gold", edgecolor="black", linewidth=0.8, zorder=4)
-    # legends: colour = matrix, marker = k
+    ax.axline((0, 0), slope=1, color="#bbb", linestyle="--", linewidth=0.9, zorder=1)
     from matplotlib.lines import Line2D
-    h1 = [Line2D([], [], marker="o", linestyle="none", color=cols(i % 10), label=short_name(nm))
-          for i, nm in enumerate(names[:10])]
-    ks = sorted({int(c.get("n_clusters", 1)) for c in pts})
-    h2 = [Line2D([], [], marker=marks.get(k, "P"), linestyle="none", color="#555",
-                 label="plain (k=1)" if k == 1 else f"k={k}") for k in ks]
-    h3 = [Line2D([], [], marker="*", linestyle="none", color="gold", markeredgecolor="black", markersize=11,
-                 label="chosen")] if any(_cand_key(c) in plan for c in pts) else []
-    ax.legend(handles=h1 + h2 + h3, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    kcol = {k: "black" if k == 1 else K_COLOURS[i % len(K_COLOURS)]
+            for i, k in enumerate(k for k in ks if k != 1)} | {1: "black"}
+    if len(names) > 1:      # colour = matrix, marker = k
+        cols = matplotlib.colormaps["tab10"]
+        kmark = {k: m for k, m in zip(ks, "os^Dvp<>h")}
+        style = lambda c: (cols(names.index(c.get("matrix")) % 10), kmark[int(c.get("n_clusters", 1))])  # noqa
+        handles = [Line2D([], [], marker="o", linestyle="none", color=cols(i % 10), label=short_name(nm))
+                   for i, nm in enumerate(names[:10])]
+        handles += [Line2D([], [], marker=kmark[k], linestyle="none", color="#555",
+                           label="plain (k=1)" if k == 1 else f"k={k}") for k in ks]
+    else:                   # one matrix: colour = k and marker = method, as in the ρ figure
+        style = lambda c: (kcol[int(c.get("n_clusters", 1))],  # noqa: E731
+                           "o" if int(c.get("n_clusters", 1)) == 1
+                           else METHOD_STYLE.get(str(c.get("method")), ("", "D"))[1])
+        handles = [Line2D([], [], marker="o", linestyle="none", color=kcol[k],
+                          label="plain (k=1)" if k == 1 else f"k={k}") for k in ks]
+        handles += [Line2D([], [], marker=METHOD_STYLE.get(m, ("", "D"))[1], linestyle="none", color="#555",
+                           label=m) for m in methods]
+    for t, c in enumerate(pts):
+        colr, mk = style(c)
+        ax.scatter(x[t], y[t], s=36, marker=mk, color=colr, alpha=0.85, edgecolor="white", linewidth=0.5,
+                   zorder=3)
+        if _cand_key(c) in plan:
+            ax.scatter(x[t], y[t], s=230, marker="*", color="gold", edgecolor="black", linewidth=0.8, zorder=4)
+    if any(_cand_key(c) in plan for c in pts):
+        handles.append(Line2D([], [], marker="*", linestyle="none", color="gold", markeredgecolor="black",
+                              markersize=11, label="chosen"))
+    handles.append(Line2D([], [], color="#bbb", linestyle="--", label="measured = predicted"))
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
+              title=short_name(names[0]) if len(names) == 1 else None, title_fontsize=7.5)
     span = max(abs(lo), abs(hi))
     small = np.abs(np.concatenate([x, y]))
     small = small[small > 0]
@@ -561,7 +586,7 @@ def fig_timings(report: dict) -> bytes | None:
         return None
     _, Figure, _ = _mpl()
     total = _num(t.get("total")) or sum(v for _, v in items)
-    fig = Figure(figsize=(6.4, 0.34 * len(items) + 1.1))
+    fig = Figure(figsize=(6.4, max(2.2, 0.34 * len(items) + 1.1)))
     ax = fig.add_subplot()
     _style(ax)
     ax.grid(axis="y", visible=False)

@@ -3,7 +3,7 @@ sample as a factored forward pass (never a dense rebuild), best applied, optiona
 
 Every candidate first gets its first-order loss change ΔL̂ = ⟨G, Ŵ − W⟩ from the scan's single gradient (no
 forward pass; −Σ_{i>k} σᵢgᵢ for plain truncation, per-cluster tails for clustered). Candidates are evaluated
-in order of ΔL̂, and ``max_evals`` keeps only the most promising ones. Each evaluation reruns only the layers
+best ΔL̂ first within each matrix, round-robin across matrices, and ``max_evals`` keeps the first ones. Each evaluation reruns only the layers
 at and above the candidate's layer (a :class:`~c2i_fast.evaluate.PrefixCache` replays the rest).
 """
 from __future__ import annotations
@@ -132,7 +132,7 @@ def _evaluate_dense(scorer: Scorer, todo: list[Candidate]) -> dict:
 
 @dataclass
 class SearchResult:
-    candidates: list[Candidate]              # in evaluation order (ascending ΔL̂)
+    candidates: list[Candidate]              # in evaluation order (see interleave)
     evaluated: list[Candidate]
     best: list[Candidate]                    # the plan (empty when nothing beat the base model)
     base: dict
@@ -165,11 +165,25 @@ def spearman(a: list[float], b: list[float]) -> float | None:
     return float((ra * rb).sum()) / den if den > 0 else None
 
 
+def interleave(candidates: list[Candidate]) -> list[Candidate]:
+    """Evaluation order: best predicted ΔL̂ first within each matrix, matrices taken round-robin in the order
+    of their best candidate. ΔL̂ is on one scale within a matrix, but a single matrix with large gradients
+    would otherwise take every slot of ``max_evals`` (seen on FEVER), leaving the other top-K matrices unseen."""
+    per: dict[str, list[Candidate]] = {}
+    for c in sorted(candidates, key=lambda c: (c.predicted, c.key())):
+        per.setdefault(c.edit.matrix, []).append(c)
+    queues = list(per.values())
+    out = []
+    for i in range(max((len(q) for q in queues), default=0)):
+        out.extend(q[i] for q in queues if i < len(q))
+    return out
+
+
 def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: PrefixCache | None,
            n_layers: int, max_evals: int | None = None, compose: int = 0, loss_kind: str = "answer",
            progress: bool = True, on_result=None, done: dict[str, dict] | None = None,
            dense: bool = False) -> SearchResult:
-    """Evaluate candidates in order of predicted ΔL̂ (at most ``max_evals``), pick the best that beats the base
+    """Evaluate candidates in :func:`interleave` order (at most ``max_evals``), pick the best that beats the base
     model (accuracy, ties by log-loss), then greedily try to compose up to ``compose`` more edits on other
     matrices, each kept only if it improves the selection score.
 
@@ -177,7 +191,7 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
     called after each new evaluation (the journal).
     """
     t0 = time.perf_counter()
-    order = sorted(candidates, key=lambda c: (c.predicted, c.key()))
+    order = interleave(candidates)
     todo = order if not max_evals else order[:max_evals]
     passes = 0
     for c in tqdm(todo, desc="search", disable=not progress, leave=False):

@@ -48,7 +48,7 @@ def _check_png(path):
         im.verify()
     with Image.open(io.BytesIO(data)) as im:
         w, h = im.size
-        assert w >= 300 and h >= 200, f"{path.name} is {w}×{h}"
+        assert w >= 300 and h >= 150, f"{path.name} is {w}×{h}"
         extrema = im.convert("L").getextrema()
         assert extrema[0] < extrema[1], f"{path.name} is a blank image"
     import matplotlib.image
