@@ -25,7 +25,7 @@ from torch import nn
 from .decompose import ClusteredFactors, LowRankFactors, assign_clusters, rank_for
 from .errors import C2IError
 from .nn import ClusteredLowRankLinear, LowRankLinear, is_conv1d
-from .transform import (Plan, _locate, atomic_write_text, base_named_parameters, current_plan, edit_of,
+from .transform import (Plan, _locate, _umask, atomic_write_text, base_named_parameters, current_plan, edit_of,
                         factored_modules, factorize_, is_factored, original_of, restore_)
 
 ADAPTED_FILE = "adapted.safetensors"
@@ -102,9 +102,12 @@ def save_adapted(model: nn.Module, plan: Plan | None, directory: str | os.PathLi
     directory.parent.mkdir(parents=True, exist_ok=True)
     new_dir = not directory.exists()
     work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent)) if new_dir else directory
+    if new_dir:
+        os.chmod(work, 0o777 & ~_umask())     # mkdtemp makes 0700; the final directory gets the usual mode
     tmp_tensors = work / (ADAPTED_FILE if new_dir else f".{ADAPTED_FILE}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp_tensors), metadata={"format": "pt", "c2i_fast": ARTIFACT_FORMAT})
+        os.chmod(tmp_tensors, 0o666 & ~_umask())
         out.meta = {**meta, "artifact": {"format": ARTIFACT_FORMAT, "file": ADAPTED_FILE,
                                          "sha256": _file_sha256(tmp_tensors),
                                          "bytes": tmp_tensors.stat().st_size}}
@@ -223,6 +226,8 @@ def export_dense(model: nn.Module, directory: str | os.PathLike, tokenizer=None)
     directory.parent.mkdir(parents=True, exist_ok=True)
     new_dir = not directory.exists()
     work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent)) if new_dir else directory
+    if new_dir:
+        os.chmod(work, 0o777 & ~_umask())     # mkdtemp makes 0700; the final directory gets the usual mode
     try:
         for name, mod in fm.items():
             parent, attr, _ = _locate(model, name)

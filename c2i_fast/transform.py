@@ -46,7 +46,9 @@ class Edit:
         if (isinstance(self.n_clusters, bool) or not isinstance(self.n_clusters, numbers.Integral)
                 or self.n_clusters < 1):
             raise C2IError(f"edit {self.matrix!r}: n_clusters={self.n_clusters!r} must be an integer >= 1")
-        if self.method not in CLUSTER_METHODS:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise C2IError(f"edit {self.matrix!r}: seed={self.seed!r} must be an integer")
+        if not isinstance(self.method, str) or self.method not in CLUSTER_METHODS:
             raise C2IError(f"edit {self.matrix!r}: unknown clustering method {self.method!r}; choose one of "
                            f"{', '.join(CLUSTER_METHODS)}")
 
@@ -55,6 +57,8 @@ class Edit:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Edit":
+        if not isinstance(d, Mapping):
+            raise C2IError(f"a plan edit must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         extra = set(d) - known
         if extra:
@@ -101,8 +105,14 @@ class Plan:
             raise C2IError(f"unsupported plan format {fmt!r} (this version reads {PLAN_FORMAT!r})")
         if not isinstance(d["edits"], list):
             raise C2IError("plan 'edits' must be a list")
-        return cls(edits=[Edit.from_dict(e) for e in d["edits"]], base_model=d.get("base_model", "") or "",
-                   fingerprint=d.get("fingerprint"), meta=dict(d.get("meta") or {}))
+        meta, base, fp = d.get("meta") or {}, d.get("base_model", "") or "", d.get("fingerprint")
+        if not isinstance(meta, Mapping):
+            raise C2IError(f"plan 'meta' must be a JSON object, got {type(meta).__name__}")
+        if not isinstance(base, str):
+            raise C2IError(f"plan 'base_model' must be a string, got {type(base).__name__}")
+        if fp is not None and not isinstance(fp, str):
+            raise C2IError(f"plan 'fingerprint' must be a string or null, got {type(fp).__name__}")
+        return cls(edits=[Edit.from_dict(e) for e in d["edits"]], base_model=base, fingerprint=fp, meta=dict(meta))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically (temp file in the same directory, then ``os.replace``)."""
@@ -125,6 +135,12 @@ class Plan:
             raise C2IError(f"plan file {path}: {e}") from e
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +150,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
