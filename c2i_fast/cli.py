@@ -49,6 +49,7 @@ def _common(p: argparse.ArgumentParser, out_required: bool = True, required: boo
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward batch")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--log-json", metavar="PATH", help="machine-readable JSON-lines events to PATH ('-' = stderr)")
     if out_required:
         p.add_argument("--out", required=required, help="output directory")
 
@@ -145,7 +146,7 @@ def _run(args) -> int:
     from . import pipeline
     progress = not args.quiet
     if args.command == "adapt" and args.resume:
-        cfg = pipeline.resume_config(args.resume, progress=progress, threads=args.threads)
+        cfg = pipeline.resume_config(args.resume, progress=progress, threads=args.threads, log_json=args.log_json)
         rep = pipeline.adapt(cfg)
         _finish(rep, cfg.out, args.no_report)
     elif args.command == "adapt":
@@ -159,7 +160,7 @@ def _run(args) -> int:
             types=args.types or MATRIX_TYPES, max_evals=args.max_evals, compose=args.compose, seed=args.seed,
             loss=args.loss, score=args.score, scoring=args.scoring, data_dir=args.data_dir, metric=args.metric,
             batch_tokens=args.batch_tokens, resume=False, progress=progress, draws=args.draws,
-            threads=args.threads)
+            threads=args.threads, log_json=args.log_json)
         rep = pipeline.adapt(cfg)
         _finish(rep, cfg.out, args.no_report)
     elif args.command == "laser":
@@ -167,14 +168,16 @@ def _run(args) -> int:
             model=args.model, task=args.task, out=args.out, val_size=args.val_size, test_size=args.test_size,
             rank_fractions=args.rank_fractions, types=args.types, layers=args.layers, seed=args.seed,
             scoring=args.scoring, data_dir=args.data_dir, metric=args.metric, batch_tokens=args.batch_tokens,
-            faithful=args.faithful, progress=progress, threads=args.threads, resume=args.resume)
+            faithful=args.faithful, progress=progress, threads=args.threads, resume=args.resume,
+            log_json=args.log_json)
         rep = pipeline.laser(cfg)
         _finish(rep, cfg.out, args.no_report)
     elif args.command == "eval":
         cfg = pipeline.EvalConfig(
             model=args.model, task=args.task, plan=args.adapted, samples=args.samples, test_size=args.test_size,
             seed=args.seed, scoring=args.scoring, data_dir=args.data_dir, metric=args.metric,
-            batch_tokens=args.batch_tokens, progress=progress, threads=args.threads, out=args.out)
+            batch_tokens=args.batch_tokens, progress=progress, threads=args.threads, out=args.out,
+            log_json=args.log_json)
         rep = pipeline.evaluate_model(cfg)
         print(json.dumps({k: rep[k] for k in rep if k in ("task", "n_test", "base", "adapted")}, indent=2,
                          default=str))

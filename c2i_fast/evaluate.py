@@ -141,6 +141,7 @@ class Scorer:
         self.model, self.tokenizer, self.examples, self.kind = model, tokenizer, examples, kind
         self.scoring, self.max_new_tokens = scoring, max_new_tokens
         self.batch_tokens = batch_tokens
+        self.progress = False                      # tqdm bar over batches (set for long evaluations)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
         self.single_token_choices: torch.Tensor | None = None
@@ -238,7 +239,8 @@ class Scorer:
     def run(self, cache: PrefixCache | None = None, start_layer: int = 0, capture: set[int] = frozenset(),
             grad: bool = False):
         """Yield (batch, row stats) for each batch; reuse/capture the prefix cache as asked."""
-        for bi, b in enumerate(self.batches):
+        from tqdm.auto import tqdm
+        for bi, b in enumerate(tqdm(self.batches, desc="evaluate", disable=not self.progress, leave=False)):
             with _replay(self.model, cache, bi, start_layer), _capture(self.model, cache, bi, set(capture)), \
                     torch.set_grad_enabled(grad):
                 logits = self._logits(b)

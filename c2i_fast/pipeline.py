@@ -61,11 +61,27 @@ class AdaptConfig:
     draws: int = 1
     threads: int | None = None
     dense_candidates: bool = False      # paper-faithful: dense rebuild + full forward per candidate (bench)
+    log_json: str | None = None         # path for JSON-lines events, "-" for stderr
 
 
-def _log(cfg, msg: str):
+def _log(cfg, msg: str, event: str | None = None, **fields):
+    """A human line on stderr (unless quiet) and, with --log-json, one JSON event per line."""
     if cfg.progress:
         print(msg, file=sys.stderr, flush=True)
+    if event is not None:
+        _emit(cfg, event, message=msg, **fields)
+
+
+def _emit(cfg, event: str, **fields):
+    target = getattr(cfg, "log_json", None)
+    if not target:
+        return
+    line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "event": event, **fields}, default=str)
+    if target == "-":
+        print(line, file=sys.stderr, flush=True)
+    else:
+        with open(target, "a") as f:
+            f.write(line + "\n")
 
 
 def versions() -> dict:
@@ -141,6 +157,7 @@ def _held_out(lm, task, test, cfg, plan_cands: list[Candidate], timings: dict) -
     """Base and adapted metrics on the held-out split; the adapted pass reuses the base pass's prefix."""
     t0 = time.perf_counter()
     sc = _scorer(lm, task, test, cfg)
+    sc.progress = cfg.progress          # a bar per held-out pass: these are the long evaluations
     start = min((c.layer for c in plan_cands), default=0)
     cache = PrefixCache() if plan_cands and task.kind != "generation" else None
     base = sc.evaluate(cache, capture={start} if cache is not None else set())
@@ -184,7 +201,7 @@ def adapt(cfg: AdaptConfig) -> dict:
     lm, task, t_load = _prepare(cfg)
     out.mkdir(parents=True, exist_ok=True)
     saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
-             if k not in ("resume", "progress", "threads")}
+             if k not in ("resume", "progress", "threads", "log_json")}
     atomic_write_text(out / CONFIG, json.dumps(saved, indent=2) + "\n")
     timings = {"load": t_load}
     draws = []
@@ -203,6 +220,7 @@ def adapt(cfg: AdaptConfig) -> dict:
     timings["total"] = time.perf_counter() - t_start
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
     atomic_write_text(out / REPORT, json.dumps(report, indent=2, default=str) + "\n")
+    _emit(cfg, "done", out=str(out), timings=report["timings"])
     return report
 
 
@@ -217,14 +235,16 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
                        f"{min_rows} rows (need 1 ≤ k ≤ rows)")
     n_layers = max(r.layer for r in target_matrices(model)) + 1
     _log(cfg, f"[c2i] {task.name}: {len(splits['select'])} selection / {len(splits['test'])} held-out "
-              f"examples; {len(refs)} matrices")
+              f"examples; {len(refs)} matrices", "start", task=task.name, draw=draw,
+         n_select=len(splits["select"]), n_test=len(splits["test"]), n_matrices=len(refs))
 
     sel = _scorer(lm, task, splits["select"], cfg)
     t0 = time.perf_counter()
     sc = scan(sel, refs, list(cfg.rank_fractions), cfg.top_k, cfg.loss, cfg.score, cfg.progress)
     timings.update({"scan_gradient": sc.seconds["gradient"], "scan_svd": sc.seconds["svd"]})
     top = sc.top(cfg.top_k)
-    _log(cfg, "[c2i] top matrices: " + ", ".join(f"{m.name} ({m.score:+.3f})" for m in top))
+    _log(cfg, "[c2i] top matrices: " + ", ".join(f"{m.name} ({m.score:+.3f})" for m in top), "scan",
+         seconds=sc.seconds, loss=sc.loss, top=[m.summary() for m in top])
 
     t1 = time.perf_counter()
     cands = build_candidates(top, by_name, cfg.rank_fractions, cfg.clusters, cfg.methods, cfg.seed,
@@ -237,14 +257,22 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
     timings["select_base"] = time.perf_counter() - t2
     journal = out / (JOURNAL if draw == 0 else f"journal.draw{draw}.jsonl")
     done = _read_journal(journal) if cfg.resume else {}
+    _emit(cfg, "selection_base", accuracy=base_sel["accuracy"], log_loss=base_sel["log_loss"])
+    write_journal = _journal_writer(journal)
+
+    def on_result(c):
+        write_journal(c)
+        _emit(cfg, "candidate", **c.summary())
     res = search(sel, cands, base_sel, cache, n_layers, cfg.max_evals, cfg.compose, cfg.loss, cfg.progress,
-                 on_result=_journal_writer(journal), done=done, dense=cfg.dense_candidates)
+                 on_result=on_result, done=done, dense=cfg.dense_candidates)
     timings["search"] = res.seconds["search"]
     _log(cfg, f"[c2i] evaluated {len(res.evaluated)} of {len(cands)} candidates; plan: "
               + (", ".join(f"{c.edit.matrix} ρ={c.edit.rank_fraction} k={c.edit.n_clusters} {c.edit.method}"
-                           for c in res.best) or "none beat the base model"))
+                           for c in res.best) or "none beat the base model"), "plan",
+         edits=[c.edit.to_dict() for c in res.best], n_evaluated=len(res.evaluated), seconds=res.seconds)
 
     base_test, adapted_test = _held_out(lm, task, splits["test"], cfg, res.best, timings)
+    _emit(cfg, "held_out", base=_strip(base_test), adapted=_strip(adapted_test))
     plan = Plan([c.edit for c in res.best], base_model=lm.model_id,
                 meta={"task": task.name, "seed": cfg.seed, "draw": draw, "samples": cfg.samples})
     if draw == 0:
@@ -322,6 +350,7 @@ class LaserConfig:
     progress: bool = True
     threads: int | None = None
     resume: bool = False
+    log_json: str | None = None
 
 
 def laser(cfg: LaserConfig) -> dict:
@@ -376,6 +405,7 @@ def laser(cfg: LaserConfig) -> dict:
                 c.seconds = time.perf_counter() - tc
                 passes += n_layers if cache is None else n_layers - r.layer
                 write(c)
+                _emit(cfg, "candidate", **c.summary())
             cands.append(c)
     timings["search"] = time.perf_counter() - t1
     timings["svd"] = t_svd
@@ -403,6 +433,7 @@ def laser(cfg: LaserConfig) -> dict:
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     atomic_write_text(out / REPORT, json.dumps(report, indent=2, default=str) + "\n")
+    _emit(cfg, "done", out=str(out), plan=report["plan"], test=report["test"], timings=report["timings"])
     return report
 
 
@@ -425,6 +456,7 @@ class EvalConfig:
     progress: bool = True
     threads: int | None = None
     out: str | None = None
+    log_json: str | None = None
 
 
 def evaluate_model(cfg: EvalConfig) -> dict:
@@ -445,4 +477,5 @@ def evaluate_model(cfg: EvalConfig) -> dict:
             restore_(lm.model)
     if cfg.out:
         atomic_write_text(Path(cfg.out), json.dumps(report, indent=2, default=str) + "\n")
+    _emit(cfg, "done", **{k: report[k] for k in ("task", "n_test", "base") }, adapted=report.get("adapted"))
     return report

@@ -145,7 +145,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise C2IError(f"data file {path} is unreadable: {e}") from e
-    records, seen = [], set()
+    records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -153,29 +153,37 @@ def read_jsonl(path: str | Path) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise C2IError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        records.append((lineno, rec))
+    return validate_records(records, str(path))
+
+
+def validate_records(records: list[tuple[int, object]], source: str) -> list[dict]:
+    """Check (line number, record) pairs against the schema; errors name ``source`` and the line."""
+    out, seen = [], set()
+    for lineno, rec in records:
         if not isinstance(rec, dict):
-            raise C2IError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            raise C2IError(f"{source}:{lineno}: expected a JSON object, got {type(rec).__name__}")
         missing = [k for k in REQUIRED_FIELDS if k not in rec]
         if missing:
-            raise C2IError(f"{path}:{lineno}: record is missing field(s) {missing}")
+            raise C2IError(f"{source}:{lineno}: record is missing field(s) {missing}")
         for k in ("prompt", "answer"):
             if not isinstance(rec[k], str):
-                raise C2IError(f"{path}:{lineno}: field {k!r} must be a string")
+                raise C2IError(f"{source}:{lineno}: field {k!r} must be a string")
         ch = rec.get("choices")
         if ch is not None:
             if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) and c for c in ch):
-                raise C2IError(f"{path}:{lineno}: 'choices' must be null or a list of ≥ 2 non-empty strings")
+                raise C2IError(f"{source}:{lineno}: 'choices' must be null or a list of ≥ 2 non-empty strings")
             if rec["answer"] not in ch:
-                raise C2IError(f"{path}:{lineno}: answer {rec['answer']!r} is not among choices {ch}")
+                raise C2IError(f"{source}:{lineno}: answer {rec['answer']!r} is not among choices {ch}")
         rid = str(rec["id"])
         if rid in seen:
-            raise C2IError(f"{path}:{lineno}: duplicate id {rid!r}")
+            raise C2IError(f"{source}:{lineno}: duplicate id {rid!r}")
         seen.add(rid)
         rec["_line"] = lineno
-        records.append(rec)
-    if not records:
-        raise C2IError(f"data file {path} holds no records (empty task)")
-    return records
+        out.append(rec)
+    if not out:
+        raise C2IError(f"data file {source} holds no records (empty task)")
+    return out
 
 
 def _user_spec(path: Path, records: list[dict], kind: str | None) -> TaskSpec:
@@ -194,7 +202,15 @@ def load_task(name_or_path: str, data_dir_: str | None = None, kind: str | None 
     if kind is not None and kind not in ("classification", "recall", "generation"):
         raise C2IError(f"--metric {kind!r}: choose classification, recall or generation")
     p = Path(name_or_path).expanduser()
-    if name_or_path in TASKS:
+    if name_or_path.startswith("hf:"):
+        from .hub import hub_records
+        name = name_or_path[3:]
+        if name not in TASKS:
+            raise C2IError(f"unknown task {name_or_path!r}: use hf:<name> with one of {', '.join(sorted(TASKS))}")
+        spec = TASKS[name]
+        path = f"hub:{name}"
+        records = validate_records(list(enumerate(hub_records(name), start=1)), path)
+    elif name_or_path in TASKS:
         spec = TASKS[name_or_path]
         path = data_dir(data_dir_) / spec.file
         records = read_jsonl(path)

@@ -17,8 +17,20 @@ SMALL = ["--model", "smollm2", "--samples", "24", "--test-size", "24", "--top-k"
 @pytest.fixture(scope="module")
 def fever_run(tmp_path_factory, smollm2):
     out = tmp_path_factory.mktemp("run") / "fever"
-    assert main(["adapt", "--task", "fever", "--out", str(out), *SMALL]) == 0
+    assert main(["adapt", "--task", "fever", "--out", str(out), *SMALL,
+                 "--log-json", str(out.parent / "events.jsonl")]) == 0
     return out
+
+
+def test_log_json_events_and_rendered_report(fever_run):
+    events = [json.loads(l) for l in (fever_run.parent / "events.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("candidate") == 6
+    assert {"scan", "selection_base", "plan", "held_out"} <= set(kinds)
+    rep = json.loads((fever_run / "report.json").read_text())
+    assert next(e for e in events if e["event"] == "held_out")["adapted"]["accuracy"] == \
+        rep["test"]["adapted"]["accuracy"]
+    assert (fever_run / "report" / "index.html").is_file()          # rendered by default
 
 
 def test_adapt_writes_plan_and_report_and_never_loses_to_base_on_selection(fever_run):

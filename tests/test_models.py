@@ -1,0 +1,67 @@
+"""Matrix enumeration per architecture family. Structure only: the models are built from small configs with
+random weights (no claim about accuracy is made here); the real-weights checks use SmolLM2 elsewhere."""
+import pytest
+import torch
+from torch import nn
+
+from c2i_fast.errors import C2IError
+from c2i_fast.models import LASER_TYPES, target_matrices
+
+
+def _build(family):
+    import transformers as tf
+    small = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=64)
+    if family == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**small, num_key_value_heads=2))
+    if family == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**small, num_key_value_heads=2))
+    if family == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(**small, num_key_value_heads=2))
+    if family == "gemma3":
+        return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**small, num_key_value_heads=2, head_dim=8))
+    if family == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64))
+    if family == "gptj":
+        return tf.GPTJForCausalLM(tf.GPTJConfig(n_embd=32, n_layer=2, n_head=4, vocab_size=64, rotary_dim=4))
+    if family == "gpt_neox":
+        return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**small))
+    if family == "roberta":
+        return tf.RobertaForMaskedLM(tf.RobertaConfig(**small))
+    raise ValueError(family)
+
+
+EXPECTED = {   # family → (types per layer, name of layer-1 mlp_in, is it Conv1D)
+    "llama": ({"q", "k", "v", "o", "mlp_in", "mlp_up", "mlp_out"}, "model.layers.1.mlp.gate_proj", False),
+    "qwen2": ({"q", "k", "v", "o", "mlp_in", "mlp_up", "mlp_out"}, "model.layers.1.mlp.gate_proj", False),
+    "mistral": ({"q", "k", "v", "o", "mlp_in", "mlp_up", "mlp_out"}, "model.layers.1.mlp.gate_proj", False),
+    "gemma3": ({"q", "k", "v", "o", "mlp_in", "mlp_up", "mlp_out"}, "model.layers.1.mlp.gate_proj", False),
+    "gpt2": ({"qkv", "o", "mlp_in", "mlp_out"}, "transformer.h.1.mlp.c_fc", True),
+    "gptj": ({"q", "k", "v", "o", "mlp_in", "mlp_out"}, "transformer.h.1.mlp.fc_in", False),
+    "gpt_neox": ({"qkv", "o", "mlp_in", "mlp_out"}, "gpt_neox.layers.1.mlp.dense_h_to_4h", False),
+    "roberta": ({"q", "k", "v", "o", "mlp_in", "mlp_out"}, "roberta.encoder.layer.1.intermediate.dense", False),
+}
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_each_family_enumerates_its_matrices(family):
+    model = _build(family)
+    refs = target_matrices(model)
+    types, mlp_in, conv = EXPECTED[family]
+    assert {r.layer for r in refs} == {0, 1}
+    for layer in (0, 1):
+        assert {r.type for r in refs if r.layer == layer} == types
+    ref = next(r for r in refs if r.name == mlp_in)
+    assert ref.type == "mlp_in" and ref.transposed == conv
+    assert ref.shape == (64 if family not in ("gpt2", "gptj") else 128, 32)      # W in (out, in) layout
+    x = torch.randn(3, 32)
+    y = ref.module(x)
+    assert torch.allclose(y - (ref.module.bias if ref.module.bias is not None else 0), x @ ref.weight().T,
+                          atol=1e-5)
+    assert {r.type for r in target_matrices(model, LASER_TYPES)} == {"mlp_in", "mlp_out"}
+
+
+def test_unknown_architecture_is_named():
+    with pytest.raises(C2IError, match="unknown architecture Sequential.*found e.g. \\['0'"):
+        target_matrices(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(C2IError, match="unknown matrix type"):
+        target_matrices(_build("llama"), ["ffn"])
