@@ -77,6 +77,7 @@ class PrefixCache:
 
     def __init__(self):
         self.store: dict[tuple[int, int], object] = {}
+        self.epoch = 0          # the Scorer batch layout it was captured for (batches change after an OOM)
 
     def layers(self) -> set[int]:
         return {l for _, l in self.store}
@@ -142,6 +143,7 @@ class Scorer:
         self.scoring, self.max_new_tokens = scoring, max_new_tokens
         self.batch_tokens = batch_tokens
         self.progress = False                      # tqdm bar over batches (set for long evaluations)
+        self.epoch = 0                             # bumped when an out-of-memory error halves the batches
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
         self.single_token_choices: torch.Tensor | None = None
@@ -238,7 +240,17 @@ class Scorer:
 
     def run(self, cache: PrefixCache | None = None, start_layer: int = 0, capture: set[int] = frozenset(),
             grad: bool = False):
-        """Yield (batch, row stats) for each batch; reuse/capture the prefix cache as asked."""
+        """Yield (batch, row stats) for each batch; reuse/capture the prefix cache as asked.
+
+        A cache captured for another batch layout (before an out-of-memory split) is dropped; a batch whose
+        cache entry is missing runs from layer 0 and captures it."""
+        if cache is not None and cache.epoch != self.epoch:
+            cache.clear()
+            cache.epoch = self.epoch
+        if cache is not None and start_layer > 0 and any((bi, start_layer) not in cache.store
+                                                         for bi in range(len(self.batches))):
+            capture = set(capture) | {start_layer}
+            start_layer = 0
         from tqdm.auto import tqdm
         for bi, b in enumerate(tqdm(self.batches, desc="evaluate", disable=not self.progress, leave=False)):
             with _replay(self.model, cache, bi, start_layer), _capture(self.model, cache, bi, set(capture)), \
@@ -294,9 +306,29 @@ class Scorer:
                 terms.append(-d["gold"] / d["glen"])
         return torch.stack(terms).mean()
 
+    def halve_batches(self, error: BaseException) -> None:
+        """After an out-of-memory error: half the tokens per batch, rebuilt batches, caches invalidated."""
+        if all(len(b.rows) <= 1 or len({r.example for r in b.rows}) <= 1 for b in self.batches):
+            raise C2IError(f"out of memory with a single example per batch: {error}") from error
+        self.batch_tokens = max(1, self.batch_tokens // 2)
+        self.batches = self._build_batches()
+        self.epoch += 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        import sys
+        print(f"c2i: out of memory; retrying with --batch-tokens {self.batch_tokens}", file=sys.stderr)
+
     def evaluate(self, cache: PrefixCache | None = None, start_layer: int = 0,
                  capture: set[int] = frozenset(), generate: bool = True) -> dict:
-        """Accuracy (primary scoring + both variants), log-loss, choice-loss, majority baseline."""
+        """Accuracy (primary scoring + both variants), log-loss, choice-loss, majority baseline.
+        Out of memory on a batch halves the batches and retries."""
+        while True:
+            try:
+                return self._evaluate(cache, start_layer, capture, generate)
+            except torch.OutOfMemoryError as e:
+                self.halve_batches(e)
+
+    def _evaluate(self, cache, start_layer, capture, generate) -> dict:
         per_d = self._per_example(self.run(cache, start_layer, capture))
         per = [per_d[i] for i in range(len(self.examples))]
         res = {"n": len(self.examples), "log_loss": float(self.loss(per_d, "answer")),

@@ -284,7 +284,7 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
         "task": {"name": task.name, "kind": task.kind, "source": task.source,
                  "n_select": len(splits["select"]), "n_test": len(splits["test"]), "draw": draw},
         "plan": plan.to_json()["edits"],
-        "scan": {"loss": sc.loss, "loss_kind": sc.loss_kind, "score_kind": sc.score_kind,
+        "scan": {"loss": sc.loss, "loss_kind": sc.loss_kind, "score_kind": sc.score_kind, "skipped": sc.skipped,
                  "matrices": [m.summary() for m in sc.matrices]},
         "search": {"n_candidates": len(cands), "n_evaluated": len(res.evaluated),
                    "rank_correlation_predicted_vs_measured": res.rank_correlation,

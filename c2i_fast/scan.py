@@ -14,6 +14,7 @@ Scores (``score=``):
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -54,6 +55,7 @@ class ScanResult:
     loss_kind: str
     score_kind: str
     seconds: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)   # matrix → why it was left out (NaN/Inf weight or gradient)
 
     def top(self, k: int) -> list[MatrixScan]:
         return self.matrices[:k]
@@ -69,14 +71,21 @@ def gradients(scorer: Scorer, refs: list[MatrixRef], loss_kind: str = "answer", 
     for r in refs:
         r.param.grad = None
         r.param.requires_grad_(True)
-    total = 0.0
     try:
-        for loss in tqdm(scorer.loss_batches(loss_kind), total=len(scorer.batches), desc="gradient scan",
-                         disable=not progress, leave=False):
-            if not torch.isfinite(loss):
-                raise C2IError(f"the {loss_kind} loss is not finite on the selection sample")
-            loss.backward()
-            total += float(loss.detach())
+        while True:      # out of memory on a batch: halve the batches, start the pass again
+            total = 0.0
+            for r in refs:
+                r.param.grad = None
+            try:
+                for loss in tqdm(scorer.loss_batches(loss_kind), total=len(scorer.batches), desc="gradient scan",
+                                 disable=not progress, leave=False):
+                    if not torch.isfinite(loss):
+                        raise C2IError(f"the {loss_kind} loss is not finite on the selection sample")
+                    loss.backward()
+                    total += float(loss.detach())
+                break
+            except torch.OutOfMemoryError as e:
+                scorer.halve_batches(e)
         grads = {}
         for r in refs:
             g = r.param.grad
@@ -101,15 +110,21 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
     t0 = time.perf_counter()
     grads, loss = gradients(scorer, refs, loss_kind, progress)
     t1 = time.perf_counter()
-    scans, svds = [], {}
+    scans, svds, skipped = [], {}, {}
     for r in tqdm(refs, desc="SVD + Σ-gradients", disable=not progress, leave=False):
         g_mat = grads[r.name]
         bad = int((~torch.isfinite(g_mat)).sum())
         if bad:
             # A NaN gradient would poison every score; skip the matrix and say so in the report.
-            tqdm.write(f"warning: skipping {r.name}: gradient has {bad} non-finite entries")
+            skipped[r.name] = f"gradient has {bad} non-finite entries"
+        else:
+            try:   # full_svd already falls back to other drivers and float64; NaN/Inf weights cannot be helped
+                svd = full_svd(r.weight(), name=r.name)
+            except C2IError as e:
+                skipped[r.name] = str(e)
+        if r.name in skipped:
+            tqdm.write(f"warning: skipping {r.name}: {skipped[r.name]}", file=sys.stderr)
             continue
-        svd = full_svd(r.weight(), name=r.name)
         g_sigma = ((svd.u.T @ g_mat) * svd.v.T).sum(1)                   # diag(UᵀGV), (p,)
         m, n = svd.shape
         delta = {rho: truncation_delta(svd, g_sigma, rank_for(rho, m, n)) for rho in rank_fractions}
@@ -120,4 +135,6 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
     for ms in scans[:top_k]:
         ms.svd, ms.grad = svds[ms.name], grads[ms.name]
     t2 = time.perf_counter()
-    return ScanResult(scans, loss, loss_kind, score, {"gradient": t1 - t0, "svd": t2 - t1})
+    if not scans:
+        raise C2IError("no matrix could be scanned: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    return ScanResult(scans, loss, loss_kind, score, {"gradient": t1 - t0, "svd": t2 - t1}, skipped)

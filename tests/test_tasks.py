@@ -91,3 +91,10 @@ def test_user_jsonl_task(tmp_path):
     assert g.kind == "recall" and g.examples[0].target == " Paris"
     with pytest.raises(C2IError, match="too few"):
         split(t, n_select=5)
+
+
+def test_unreadable_file_is_named(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"id": "a", "prompt": "caf\xe9", "answer": "x"}\n')
+    with pytest.raises(C2IError, match=f"data file {p} is unreadable"):
+        read_jsonl(p)
