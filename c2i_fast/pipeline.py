@@ -226,7 +226,7 @@ def adapt(cfg: AdaptConfig) -> dict:
 
 def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) -> dict:
     model = lm.model
-    splits = split(task, cfg.samples, cfg.test_size, cfg.seed, draw=draw)
+    splits = split(task, cfg.samples, cfg.test_size, cfg.seed, draw=draw, n_draws=cfg.draws)
     refs = target_matrices(model, cfg.types)
     by_name = {r.name: r for r in refs}
     min_rows = min(r.shape[0] for r in refs)

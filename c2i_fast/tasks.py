@@ -263,13 +263,16 @@ def check_tokenization(task: Task, tokenizer) -> Task:
 # Splits
 # ---------------------------------------------------------------------------------------------------------
 def split(task: Task, n_select: int = 100, n_test: int | None = 500, seed: int = 0, n_val: int = 0,
-          draw: int = 0) -> dict[str, list[Example]]:
+          draw: int = 0, n_draws: int = 1) -> dict[str, list[Example]]:
     """Deterministic, non-overlapping splits from a seed: ``select`` (n_select), ``val`` (n_val), ``test``.
 
     Groups (one CounterFact fact, one TruthfulQA question) are shuffled as units; a group cut by a split
     boundary has its remaining members dropped, so no group straddles two splits. ``draw`` takes the
-    draw-th disjoint selection sample of the same shuffle (for --draws): draws come first, then val, then test.
+    draw-th of ``n_draws`` disjoint selection samples of the same shuffle (for --draws): all draws come first,
+    then val, then test, so every draw is judged on the same held-out set.
     """
+    if not 0 <= draw < max(1, n_draws):
+        raise C2IError(f"draw {draw} is outside [0, {n_draws})")
     if n_select < 1:
         raise C2IError(f"--samples must be ≥ 1, got {n_select}")
     groups: dict[str, list[Example]] = {}
@@ -287,9 +290,8 @@ def split(task: Task, n_select: int = 100, n_test: int | None = 500, seed: int =
             pos += 1
         return out[:n] if n is not None else out
 
-    for _ in range(draw):
-        take(n_select)
-    select = take(n_select)
+    samples = [take(n_select) for _ in range(max(1, n_draws))]
+    select = samples[draw]
     val = take(n_val) if n_val else []
     test = take(n_test)
     if len(select) < n_select:

@@ -154,3 +154,17 @@ def test_apply_and_export_commands(fever_run, tmp_path, smollm2):
     with torch.no_grad():
         got = dense(ids).logits
     assert (got - want).abs().max() < 1e-3 * want.abs().max()
+
+
+def test_draws_report_the_spread_over_disjoint_selection_samples(tmp_path):
+    out = tmp_path / "draws"
+    assert main(["adapt", "--model", "smollm2", "--task", "fever", "--samples", "8", "--test-size", "16",
+                 "--top-k", "1", "--types", "mlp_out", "--rank-fractions", "0.05", "--clusters", "1",
+                 "--max-evals", "1", "--draws", "2", "--out", str(out), "--quiet", "--no-report"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    d = rep["draws"]
+    assert d["n"] == 2 and len(d["test_accuracy"]) == 2 and len(d["plans"]) == 2
+    assert d["min"] <= d["mean"] <= d["max"] and d["std"] >= 0
+    base = json.loads((out / "report.json").read_text())["test"]["base"]
+    assert base["n"] == 16      # every draw is judged on the same held-out set
+    assert (out / "journal.draw1.jsonl").is_file() and not (out / "report").exists()

@@ -39,8 +39,12 @@ def test_split_is_deterministic_disjoint_and_group_aware(data_dir):
     assert not {e.id for e in a["select"]} & {e.id for e in a["test"]}
     c = split(task, 100, 300, seed=4)
     assert [e.id for e in c["select"]] != [e.id for e in a["select"]]
-    d1 = split(task, 100, 300, seed=3, draw=1)                   # --draws: disjoint selection samples
+    d0 = split(task, 100, 300, seed=3, draw=0, n_draws=2)
+    d1 = split(task, 100, 300, seed=3, draw=1, n_draws=2)       # --draws: disjoint selection samples …
+    assert [e.id for e in d0["select"]] == [e.id for e in a["select"]]
     assert not {e.group for e in d1["select"]} & sel_groups
+    assert [e.id for e in d0["test"]] == [e.id for e in d1["test"]]   # … judged on one held-out set
+    assert not {e.group for e in d0["test"]} & ({e.group for e in d1["select"]} | sel_groups)
 
 
 def test_majority_baseline():
