@@ -20,13 +20,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from .decompose import full_svd
 from .errors import C2IError
-from .evaluate import PrefixCache, Scorer
+from .evaluate import PrefixCache, Scorer, better
 from .models import LASER_TYPES, MATRIX_TYPES, load_model, target_matrices
 from .scan import scan
 from .search import (DEFAULT_CLUSTERS, DEFAULT_METHODS, DEFAULT_RANK_FRACTIONS, Candidate, build_candidates,
-                     search)
+                     evaluate_candidate, search)
 from .tasks import check_tokenization, load_task, split
 from .transform import Edit, Plan, atomic_write_text, factorize_
 
@@ -98,16 +100,17 @@ def _strip(res: dict) -> dict:
                                                       "generations")}
 
 
-def _check_common(cfg) -> None:
-    for rho in cfg.rank_fractions:
+def _check_common(rank_fractions, samples: int, test_size: int, clusters=(1,)) -> None:
+    """Cheap argument checks, run before the model is loaded."""
+    for rho in rank_fractions:
         if not isinstance(rho, (int, float)) or not 0 < rho <= 1:
             raise C2IError(f"--rank-fractions: ρ={rho} must be in (0, 1]")
-    if any((not isinstance(k, int)) or k < 1 for k in getattr(cfg, "clusters", (1,))):
-        raise C2IError(f"--clusters: every k must be an integer ≥ 1, got {list(cfg.clusters)}")
-    if cfg.samples < 1:
-        raise C2IError(f"--samples must be ≥ 1, got {cfg.samples}")
-    if cfg.test_size < 1:
-        raise C2IError(f"--test-size must be ≥ 1, got {cfg.test_size}")
+    if any((not isinstance(k, int)) or k < 1 for k in clusters):
+        raise C2IError(f"--clusters: every k must be an integer ≥ 1, got {list(clusters)}")
+    if samples < 1:
+        raise C2IError(f"--samples must be ≥ 1, got {samples}")
+    if test_size < 1:
+        raise C2IError(f"--test-size must be ≥ 1, got {test_size}")
 
 
 def _prepare(cfg, n_val: int = 0):
@@ -165,7 +168,6 @@ def _held_out(lm, task, test, cfg, plan_cands: list[Candidate], timings: dict) -
     if not plan_cands:
         return base, base
     t1 = time.perf_counter()
-    from .search import evaluate_candidate
     adapted = evaluate_candidate(sc, plan_cands[-1], cache, applied=plan_cands[:-1])
     timings["test_adapted"] = time.perf_counter() - t1
     return base, adapted
@@ -189,7 +191,7 @@ def resume_config(directory: str, **overrides) -> AdaptConfig:
 
 def adapt(cfg: AdaptConfig) -> dict:
     """Run C2I end to end; returns the report dict (also written to ``<out>/report.json``)."""
-    _check_common(cfg)
+    _check_common(cfg.rank_fractions, cfg.samples, cfg.test_size, cfg.clusters)
     if cfg.top_k < 1:
         raise C2IError(f"--top-k must be ≥ 1, got {cfg.top_k}")
     if cfg.draws < 1:
@@ -337,7 +339,6 @@ class LaserConfig:
     out: str
     val_size: int = 100
     test_size: int = 500
-    samples: int = 0                    # unused by LASER; kept so the shared checks read one shape
     rank_fractions: tuple = DEFAULT_RANK_FRACTIONS
     types: tuple = LASER_TYPES
     layers: tuple | None = None         # default: every layer
@@ -360,8 +361,7 @@ def laser(cfg: LaserConfig) -> dict:
     Default mode reuses the prefix cache and factored forwards (same numbers, fewer layer passes). With
     ``faithful`` each candidate is a dense rebuild of the weight and a full forward, as in LASER's code.
     """
-    _check_common(type("C", (), {"rank_fractions": cfg.rank_fractions, "samples": cfg.val_size,
-                                 "test_size": cfg.test_size})())
+    _check_common(cfg.rank_fractions, cfg.val_size, cfg.test_size)
     out = Path(cfg.out)
     if out.exists() and not cfg.resume and any(out.iterdir()):
         raise C2IError(f"--out {out} exists and is not empty")
@@ -379,9 +379,6 @@ def laser(cfg: LaserConfig) -> dict:
     n_layers = max(r.layer for r in target_matrices(model)) + 1
     val = _scorer(lm, task, splits["select"], cfg)
 
-    from .decompose import full_svd
-    from .search import evaluate_candidate
-    from tqdm.auto import tqdm
     t0 = time.perf_counter()
     cache = None if cfg.faithful or task.kind == "generation" else PrefixCache()
     base_val = val.evaluate(cache, capture={r.layer for r in refs})
@@ -409,7 +406,6 @@ def laser(cfg: LaserConfig) -> dict:
             cands.append(c)
     timings["search"] = time.perf_counter() - t1
     timings["svd"] = t_svd
-    from .evaluate import better
     ranked = sorted(cands, key=lambda c: (-c.result["accuracy"], c.result["log_loss"], c.key()))
     best = [ranked[0]] if ranked and better(ranked[0].result, base_val) else []
     base_test, adapted_test = _held_out(lm, task, splits["test"], cfg, best, timings)
@@ -452,7 +448,6 @@ class EvalConfig:
     data_dir: str | None = None
     metric: str | None = None
     batch_tokens: int = 4096
-    rank_fractions: tuple = ()
     progress: bool = True
     threads: int | None = None
     out: str | None = None
@@ -461,7 +456,7 @@ class EvalConfig:
 
 def evaluate_model(cfg: EvalConfig) -> dict:
     """Metrics of the base model (and of an adapted directory, if given) on the held-out split."""
-    _check_common(cfg)
+    _check_common((), cfg.samples, cfg.test_size)
     lm, task, t_load = _prepare(cfg)
     splits = split(task, cfg.samples, cfg.test_size, cfg.seed)
     sc = _scorer(lm, task, splits["test"], cfg)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .decompose import ClusteredSVD, assign_clusters, rank_for
+from .decompose import ClusteredSVD, assign_clusters, rank_for, truncation_delta
 from .errors import C2IError
 from .evaluate import PrefixCache, Scorer, better
 from .models import MatrixRef
@@ -66,10 +66,7 @@ def build_candidates(scans: list[MatrixScan], refs: dict[str, MatrixRef], rank_f
                 raise C2IError(f"--clusters {k} is invalid for {ms.name} with {m} rows (need 1 ≤ k ≤ rows)")
         for rho in rank_fractions:
             out.append(Candidate(Edit(ms.name, rho, 1, "block", seed), ms.layer,
-                                 ms.delta.get(rho) if rho in ms.delta else
-                                 -float((ms.sigma[rank_for(rho, m, n):].double()
-                                         * ms.g_sigma[rank_for(rho, m, n):].double()).sum()),
-                                 ms.svd))
+                                 truncation_delta(ms.svd, ms.g_sigma, rank_for(rho, m, n)), ms.svd))
         # Projective clustering fits k subspaces of one dimension j. Refitting it for every ρ multiplies its
         # cost by the grid, so it is fitted once per k at the rank of the ρ the scan predicts best for this
         # matrix (argmin of the first-order ΔL̂), like block / k-means labels are computed once per k.
