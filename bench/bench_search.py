@@ -55,15 +55,25 @@ def run(args) -> dict:
                               max_evals=args.max_evals, **common))
         rows["c2i_fast"] = _row(c, time.perf_counter() - t)
         # (b) paper-faithful C2I: same scan, every candidate, dense rebuild + full forward
-        t = time.perf_counter()
-        b = adapt(AdaptConfig(out=str(work / "b"), samples=args.samples, top_k=args.top_k, max_evals=0,
-                              dense_candidates=True, **common))
-        rows["c2i_paper_faithful"] = _row(b, time.perf_counter() - t)
+        if not args.skip_paper_faithful:
+            t = time.perf_counter()
+            b = adapt(AdaptConfig(out=str(work / "b"), samples=args.samples, top_k=args.top_k, max_evals=0,
+                                  dense_candidates=True, **common))
+            rows["c2i_paper_faithful"] = _row(b, time.perf_counter() - t)
         # (a) LASER: selection over the full grid with the exact cached evaluator ...
         layers = tuple(args.laser_layers) if args.laser_layers else None
-        t = time.perf_counter()
-        a = laser(LaserConfig(out=str(work / "a"), val_size=args.laser_val_size, layers=layers, **common))
-        fast_s = time.perf_counter() - t
+        if args.laser_report:      # reuse a finished `c2i laser` run with the same model/task/seed/sizes
+            a = json.loads(Path(args.laser_report).read_text())
+            for k, want in (("task", args.task), ("val_size", args.laser_val_size), ("test_size", args.test_size),
+                            ("seed", args.seed)):
+                got = a["task"]["name"] if k == "task" else a["config"][k]
+                if got != want:
+                    raise SystemExit(f"--laser-report {args.laser_report}: {k} is {got!r}, this bench uses {want!r}")
+            fast_s = a["timings"]["total"]
+        else:
+            t = time.perf_counter()
+            a = laser(LaserConfig(out=str(work / "a"), val_size=args.laser_val_size, layers=layers, **common))
+            fast_s = time.perf_counter() - t
         rows["laser_cached_evaluator"] = _row(a, fast_s)
         # ... and LASER's own cost measured faithfully on a random subset, extrapolated to the grid.
         n_grid = a["search"]["n_candidates"]
@@ -144,7 +154,9 @@ def main():
     ap.add_argument("--laser-val-size", type=int, default=100)
     ap.add_argument("--laser-layers", type=lambda s: [int(x) for x in s.split(",")], default=None)
     ap.add_argument("--laser-subset", type=int, default=16)
+    ap.add_argument("--laser-report", help="report.json of a finished `c2i laser` run to reuse for (a)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-paper-faithful", action="store_true", help="leave out (b)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
