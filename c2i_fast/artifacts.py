@@ -106,7 +106,9 @@ def save_adapted(model: nn.Module, plan: Plan | None, directory: str | os.PathLi
         os.chmod(work, 0o777 & ~_umask())     # mkdtemp makes 0700; the final directory gets the usual mode
     tmp_tensors = work / (ADAPTED_FILE if new_dir else f".{ADAPTED_FILE}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp_tensors), metadata={"format": "pt", "c2i_fast": ARTIFACT_FORMAT})
+        # One metadata key: safetensors writes the metadata map in hash order, so two keys would make the
+        # file bytes (and the checksum in plan.json) differ from run to run.
+        save_file(tensors, str(tmp_tensors), metadata={"c2i_fast": ARTIFACT_FORMAT})
         os.chmod(tmp_tensors, 0o666 & ~_umask())
         out.meta = {**meta, "artifact": {"format": ARTIFACT_FORMAT, "file": ADAPTED_FILE,
                                          "sha256": _file_sha256(tmp_tensors),

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scan loss: gold-answer cross-entropy or choice-restricted (classification)")
     a.add_argument("--score", choices=["first_order", "grad_norm"], default="first_order")
     a.add_argument("--draws", type=int, default=1, help="repeat selection on N disjoint samples")
+    a.add_argument("--nproc", type=int, default=1,
+                   help="run on N processes of this machine with torchrun (same plan and report as one)")
     a.add_argument("--no-report", action="store_true", help="do not render the HTML/PNG report")
     a.add_argument("--resume", metavar="DIR", help="continue a killed `c2i adapt` run in DIR with its saved "
                    "configuration; candidates already in its journal are not evaluated again")
@@ -131,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     import os
     # Before torch loads: OpenMP busy-waiting makes LAPACK (SVD/QR) up to 100x slower when the cores are shared.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", 1) > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _launch(argv, args.nproc)
     try:
         return _run(args)
     except C2IError as e:
@@ -140,6 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("c2i: interrupted (rerun with --resume to continue an adapt/laser run)", file=sys.stderr)
         return 130
+
+
+def _launch(argv: list[str], nproc: int) -> int:
+    """Re-run this command under torchrun with ``nproc`` processes on this machine."""
+    import subprocess
+    i = argv.index("--nproc") if "--nproc" in argv else None
+    rest = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--nproc=")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "c2i_fast.cli", *rest]
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        print(f"c2i: error: the distributed run failed (torchrun exit code {rc}; the failing rank's error is "
+              f"above)", file=sys.stderr)
+        return 2 if rc == 2 else 1
+    return 0
 
 
 def _run(args) -> int:

@@ -239,7 +239,7 @@ class Scorer:
         return torch.stack(sums), lens, greedy, None
 
     def run(self, cache: PrefixCache | None = None, start_layer: int = 0, capture: set[int] = frozenset(),
-            grad: bool = False):
+            grad: bool = False, only: set[int] | None = None):
         """Yield (batch, row stats) for each batch; reuse/capture the prefix cache as asked.
 
         A cache captured for another batch layout (before an out-of-memory split) is dropped; a batch whose
@@ -253,6 +253,8 @@ class Scorer:
             start_layer = 0
         from tqdm.auto import tqdm
         for bi, b in enumerate(tqdm(self.batches, desc="evaluate", disable=not self.progress, leave=False)):
+            if only is not None and bi not in only:
+                continue
             with _replay(self.model, cache, bi, start_layer), _capture(self.model, cache, bi, set(capture)), \
                     torch.set_grad_enabled(grad):
                 logits = self._logits(b)
@@ -279,10 +281,11 @@ class Scorer:
                 d["len"] = torch.tensor([float(s[j][1]) for j in sorted(s)], device=d["sum"].device)
         return per
 
-    def loss_batches(self, kind: str = "answer", cache: PrefixCache | None = None, start_layer: int = 0):
-        """Yield one differentiable loss per batch, scaled so that their sum is the mean loss over examples
-        (call .backward() on each: only one batch's graph is alive at a time)."""
-        for b, stats in self.run(cache, start_layer, grad=True):
+    def loss_batches(self, kind: str = "answer", cache: PrefixCache | None = None, start_layer: int = 0,
+                     only: set[int] | None = None):
+        """Yield one differentiable loss per batch (``only`` those batch indices), scaled so that their sum is
+        the mean loss over examples (call .backward() on each: one batch's graph is alive at a time)."""
+        for b, stats in self.run(cache, start_layer, grad=True, only=only):
             per = self._per_example([(b, stats)])
             yield self.loss(per, kind) * (len(per) / len(self.examples))
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .decompose import full_svd
 from .errors import C2IError
 from .evaluate import PrefixCache, Scorer, better
@@ -148,6 +149,8 @@ def _read_journal(path: Path) -> dict[str, dict]:
 
 def _journal_writer(path: Path):
     def write(c: Candidate):
+        if not distributed.is_main():
+            return
         line = json.dumps({"key": c.key(), "result": c.result}) + "\n"
         with open(path, "a") as f:       # one write of one line, then fsync: a kill leaves whole lines
             f.write(line)
@@ -196,15 +199,21 @@ def adapt(cfg: AdaptConfig) -> dict:
         raise C2IError(f"--top-k must be ≥ 1, got {cfg.top_k}")
     if cfg.draws < 1:
         raise C2IError(f"--draws must be ≥ 1, got {cfg.draws}")
+    distributed.init()
     out = Path(cfg.out)
     if out.exists() and not cfg.resume and any(out.iterdir()):
         raise C2IError(f"--out {out} exists and is not empty (use --resume {out} to continue a run there)")
+    distributed.barrier()          # every rank has checked --out before rank 0 writes into it
     t_start = time.perf_counter()
     lm, task, t_load = _prepare(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
-             if k not in ("resume", "progress", "threads", "log_json")}
-    atomic_write_text(out / CONFIG, json.dumps(saved, indent=2) + "\n")
+    main_rank = distributed.is_main()
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
+                 if k not in ("resume", "progress", "threads", "log_json")}
+        atomic_write_text(out / CONFIG, json.dumps(saved, indent=2) + "\n")
+    if not main_rank:
+        cfg.progress, cfg.log_json = False, None      # one voice: rank 0 reports
     timings = {"load": t_load}
     draws = []
     for draw in range(cfg.draws):
@@ -221,7 +230,10 @@ def adapt(cfg: AdaptConfig) -> dict:
                            "min": min(accs), "max": max(accs)}
     timings["total"] = time.perf_counter() - t_start
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
-    atomic_write_text(out / REPORT, json.dumps(report, indent=2, default=str) + "\n")
+    report["world_size"] = distributed.size()
+    if main_rank:
+        atomic_write_text(out / REPORT, json.dumps(report, indent=2, default=str) + "\n")
+    distributed.barrier()
     _emit(cfg, "done", out=str(out), timings=report["timings"])
     return report
 
@@ -277,7 +289,7 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
     _emit(cfg, "held_out", base=_strip(base_test), adapted=_strip(adapted_test))
     plan = Plan([c.edit for c in res.best], base_model=lm.model_id,
                 meta={"task": task.name, "seed": cfg.seed, "draw": draw, "samples": cfg.samples})
-    if draw == 0:
+    if draw == 0 and distributed.is_main():
         _save_plan(model, plan, res.best, out)
     forward_rows = sel.forward_rows
     return {

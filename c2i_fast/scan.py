@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .decompose import SVD, full_svd, rank_for, truncation_delta
 from .errors import C2IError
 from .evaluate import Scorer
@@ -77,26 +78,53 @@ def gradients(scorer: Scorer, refs: list[MatrixRef], loss_kind: str = "answer", 
             for r in refs:
                 r.param.grad = None
             try:
+                if distributed.size() > 1:
+                    grads, total = _gradients_sharded(scorer, refs, loss_kind, progress)
+                    break
                 for loss in tqdm(scorer.loss_batches(loss_kind), total=len(scorer.batches), desc="gradient scan",
                                  disable=not progress, leave=False):
                     if not torch.isfinite(loss):
                         raise C2IError(f"the {loss_kind} loss is not finite on the selection sample")
                     loss.backward()
                     total += float(loss.detach())
+                grads = _take_grads(refs)
                 break
             except torch.OutOfMemoryError as e:
                 scorer.halve_batches(e)
-        grads = {}
-        for r in refs:
-            g = r.param.grad
-            if g is None:
-                g = torch.zeros_like(r.param)
-            g = g.detach().float()
-            grads[r.name] = (g.T if r.transposed else g).contiguous()
-            r.param.grad = None
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(saved.get(n, False))
+    return grads, total
+
+
+def _take_grads(refs: list[MatrixRef]) -> dict[str, torch.Tensor]:
+    grads = {}
+    for r in refs:
+        g = r.param.grad
+        if g is None:
+            g = torch.zeros_like(r.param)
+        g = g.detach().float()
+        grads[r.name] = (g.T if r.transposed else g).contiguous()
+        r.param.grad = None
+    return grads
+
+
+def _gradients_sharded(scorer: Scorer, refs: list[MatrixRef], loss_kind: str, progress: bool):
+    """Each rank backpropagates its share of the batches; per-batch gradients are gathered and summed in
+    batch order — the order one process accumulates them in, so G is bit-identical."""
+    local = {}
+    for bi in distributed.mine(len(scorer.batches)):
+        loss = next(iter(scorer.loss_batches(loss_kind, only={bi})))
+        if not torch.isfinite(loss):
+            raise C2IError(f"the {loss_kind} loss is not finite on the selection sample")
+        loss.backward()
+        local[bi] = (float(loss.detach()), _take_grads(refs))
+    every = distributed.gather(local)
+    total, grads = 0.0, None
+    for bi in range(len(scorer.batches)):
+        loss, g = every[bi]
+        total += loss
+        grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
     return grads, total
 
 
@@ -111,7 +139,9 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
     grads, loss = gradients(scorer, refs, loss_kind, progress)
     t1 = time.perf_counter()
     scans, svds, skipped = [], {}, {}
-    for r in tqdm(refs, desc="SVD + Σ-gradients", disable=not progress, leave=False):
+    shard = set(distributed.mine(len(refs)))            # all of them in a single process
+    for r in tqdm([r for i, r in enumerate(refs) if i in shard], desc="SVD + Σ-gradients",
+                  disable=not progress, leave=False):
         g_mat = grads[r.name]
         bad = int((~torch.isfinite(g_mat)).sum())
         if bad:
@@ -131,9 +161,16 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
         s = min(delta.values()) if score == "first_order" else -float(g_sigma.norm())
         scans.append(MatrixScan(r.name, r.layer, r.type, (m, n), g_sigma, svd.s.clone(), delta, s))
         svds[r.name] = svd
+    if distributed.size() > 1:       # every rank gets every matrix's scan; the top-K SVDs are redone locally
+        every = distributed.gather({ms.name: ms for ms in scans})
+        skipped = {k: v for part in distributed.gather({distributed.rank(): skipped}).values()
+                   for k, v in part.items()}
+        scans = [every[r.name] for r in refs if r.name in every]
     scans.sort(key=lambda x: (x.score, x.name))
+    by_name = {r.name: r for r in refs}
     for ms in scans[:top_k]:
-        ms.svd, ms.grad = svds[ms.name], grads[ms.name]
+        ms.svd = svds.get(ms.name) or full_svd(by_name[ms.name].weight(), name=ms.name)
+        ms.grad = grads[ms.name]
     t2 = time.perf_counter()
     if not scans:
         raise C2IError("no matrix could be scanned: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))

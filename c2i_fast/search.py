@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .decompose import ClusteredSVD, assign_clusters, rank_for, truncation_delta
 from .errors import C2IError
 from .evaluate import PrefixCache, Scorer, better
@@ -191,16 +192,28 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
     order = interleave(candidates)
     todo = order if not max_evals else order[:max_evals]
     passes = 0
-    for c in tqdm(todo, desc="search", disable=not progress, leave=False):
+    share = set(distributed.mine(len(todo)))          # every index in a single process
+    local = {}
+    for i, c in enumerate(tqdm(todo, desc="search", disable=not progress, leave=False)):
         if done and c.key() in done:
             c.result = done[c.key()]
+            continue
+        if i not in share:
             continue
         t = time.perf_counter()
         c.result = evaluate_candidate(scorer, c, cache, dense=dense)
         c.seconds = time.perf_counter() - t
         passes += n_layers - c.layer if cache is not None and not dense else n_layers
-        if on_result is not None:
+        local[i] = (c.result, c.seconds)
+        if on_result is not None and distributed.size() == 1:
             on_result(c)
+    if distributed.size() > 1:    # every rank gets every result; rank 0 journals them in single-process order
+        every = distributed.gather(local)
+        passes = sum(distributed.gather({distributed.rank(): passes}).values())
+        for i in sorted(every):
+            todo[i].result, todo[i].seconds = every[i]
+            if on_result is not None and distributed.is_main():
+                on_result(todo[i])
     evaluated = [c for c in todo if c.result is not None]
     loss_key = "choice_loss" if loss_kind == "choice" else "log_loss"
     measured = [c.result[loss_key] - base[loss_key] for c in evaluated]
