@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scan loss: gold-answer cross-entropy or choice-restricted (classification)")
     a.add_argument("--score", choices=["first_order", "grad_norm"], default="first_order")
     a.add_argument("--draws", type=int, default=1, help="repeat selection on N disjoint samples")
+    a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="model weights (SVDs and accumulation stay fp32)")
+    a.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    a.add_argument("--device-map", help="accelerate device map, e.g. auto, for a model bigger than one device")
+    a.add_argument("--gradient-checkpointing", action="store_true", help="less memory in the gradient pass")
     a.add_argument("--nproc", type=int, default=1,
                    help="run on N processes of this machine with torchrun (same plan and report as one)")
     a.add_argument("--no-report", action="store_true", help="do not render the HTML/PNG report")
@@ -180,7 +185,8 @@ def _run(args) -> int:
             types=args.types or MATRIX_TYPES, max_evals=args.max_evals, compose=args.compose, seed=args.seed,
             loss=args.loss, score=args.score, scoring=args.scoring, data_dir=args.data_dir, metric=args.metric,
             batch_tokens=args.batch_tokens, resume=False, progress=progress, draws=args.draws,
-            threads=args.threads, log_json=args.log_json)
+            threads=args.threads, log_json=args.log_json, dtype=args.dtype, device=args.device,
+            device_map=args.device_map, gradient_checkpointing=args.gradient_checkpointing)
         rep = pipeline.adapt(cfg)
         _finish(rep, cfg.out, args.no_report)
     elif args.command == "laser":

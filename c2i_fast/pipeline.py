@@ -65,6 +65,10 @@ class AdaptConfig:
     threads: int | None = None
     dense_candidates: bool = False      # paper-faithful: dense rebuild + full forward per candidate (bench)
     log_json: str | None = None         # path for JSON-lines events, "-" for stderr
+    dtype: str = "float32"              # model weights; SVDs and accumulation are fp32 whatever this is
+    device: str | None = None           # default: cuda when available
+    device_map: str | None = None       # accelerate device map (e.g. "auto") for models bigger than one device
+    gradient_checkpointing: bool = False
 
 
 def _log(cfg, msg: str, event: str | None = None, **fields):
@@ -124,7 +128,14 @@ def _prepare(cfg, n_val: int = 0):
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task, cfg.data_dir, cfg.metric)          # data errors before the slow model load
     t0 = time.perf_counter()
-    lm = load_model(cfg.model)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtype = getattr(cfg, "dtype", "float32")
+    if dtype not in dtypes:
+        raise C2IError(f"--dtype {dtype!r}: choose one of {', '.join(dtypes)}")
+    device = getattr(cfg, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    if distributed.size() > 1 and device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    lm = load_model(cfg.model, dtype=dtypes[dtype], device=device, device_map=getattr(cfg, "device_map", None))
     t_load = time.perf_counter() - t0
     task = check_tokenization(task, lm.tokenizer)
     return lm, task, t_load
@@ -254,7 +265,8 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
 
     sel = _scorer(lm, task, splits["select"], cfg)
     t0 = time.perf_counter()
-    sc = scan(sel, refs, list(cfg.rank_fractions), cfg.top_k, cfg.loss, cfg.score, cfg.progress)
+    sc = scan(sel, refs, list(cfg.rank_fractions), cfg.top_k, cfg.loss, cfg.score, cfg.progress,
+              checkpointing=cfg.gradient_checkpointing)
     timings.update({"scan_gradient": sc.seconds["gradient"], "scan_svd": sc.seconds["svd"]})
     top = sc.top(cfg.top_k)
     _log(cfg, "[c2i] top matrices: " + ", ".join(f"{m.name} ({m.score:+.3f})" for m in top), "scan",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -62,9 +63,39 @@ class ScanResult:
         return self.matrices[:k]
 
 
-def gradients(scorer: Scorer, refs: list[MatrixRef], loss_kind: str = "answer", progress: bool = True
-              ) -> tuple[dict[str, torch.Tensor], float]:
-    """G = ∂L/∂W (in W's (out, in) layout, fp32) for each ref, from one pass over the scorer's batches."""
+@contextmanager
+def _checkpointing(model, on: bool):
+    """Hugging Face gradient checkpointing only acts in train mode: switch it on with every dropout at p = 0,
+    so the pass computes exactly the eval-mode function while storing fewer activations."""
+    if not on:
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise C2IError(f"{type(model).__name__} does not support gradient checkpointing")
+    drops = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    was_training = model.training
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for m, _ in drops:
+        m.p = 0.0
+    model.train()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        for m, p in drops:
+            m.p = p
+        model.gradient_checkpointing_disable()
+
+
+def gradients(scorer: Scorer, refs: list[MatrixRef], loss_kind: str = "answer", progress: bool = True,
+              checkpointing: bool = False) -> tuple[dict[str, torch.Tensor], float]:
+    """G = ∂L/∂W (in W's (out, in) layout, fp32) for each ref, from one pass over the scorer's batches.
+    ``checkpointing`` recomputes activations in the backward pass instead of storing them (big models)."""
+    with _checkpointing(scorer.model, checkpointing):
+        return _gradients(scorer, refs, loss_kind, progress)
+
+
+def _gradients(scorer: Scorer, refs: list[MatrixRef], loss_kind: str, progress: bool):
     model = scorer.model
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -129,14 +160,15 @@ def _gradients_sharded(scorer: Scorer, refs: list[MatrixRef], loss_kind: str, pr
 
 
 def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top_k: int,
-         loss_kind: str = "answer", score: str = "first_order", progress: bool = True) -> ScanResult:
+         loss_kind: str = "answer", score: str = "first_order", progress: bool = True,
+         checkpointing: bool = False) -> ScanResult:
     """Gradient pass + SVDs; returns every matrix scored and the top-K with their SVD and G kept."""
     if score not in SCORES:
         raise C2IError(f"--score {score!r}: choose one of {', '.join(SCORES)}")
     if top_k < 1:
         raise C2IError(f"--top-k must be ≥ 1, got {top_k}")
     t0 = time.perf_counter()
-    grads, loss = gradients(scorer, refs, loss_kind, progress)
+    grads, loss = gradients(scorer, refs, loss_kind, progress, checkpointing)
     t1 = time.perf_counter()
     scans, svds, skipped = [], {}, {}
     shard = set(distributed.mine(len(refs)))            # all of them in a single process

@@ -78,3 +78,32 @@ def test_scan_ranks_all_matrices_and_first_order_predicts_truncation(smollm2, fe
             ref.param.copy_(w0)
     predicted = ms.delta[0.9]
     assert abs(predicted - measured) <= 0.5 * abs(measured) + 1e-3, (predicted, measured)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(smollm2, fever_rows):
+    task, rows = fever_rows
+    scorer = Scorer(smollm2.model, smollm2.tokenizer, rows, task.kind)
+    refs = [find_matrix(smollm2.model, MATRIX), find_matrix(smollm2.model, "model.layers.2.self_attn.q_proj")]
+    plain, l1 = gradients(scorer, refs, progress=False)
+    ckpt, l2 = gradients(scorer, refs, progress=False, checkpointing=True)
+    assert not smollm2.model.training and not getattr(smollm2.model, "is_activation_checkpointing", False)
+    assert abs(l1 - l2) < 1e-6
+    for r in refs:
+        assert torch.allclose(plain[r.name], ckpt[r.name], rtol=1e-4, atol=1e-8)
+
+
+def test_bf16_model_scans_with_fp32_svd_and_gradients(smollm2, fever_rows):
+    import copy
+    task, rows = fever_rows
+    model = copy.deepcopy(smollm2.model).to(torch.bfloat16)
+    scorer = Scorer(model, smollm2.tokenizer, rows, task.kind)
+    refs = [find_matrix(model, MATRIX)]
+    res = scan(scorer, refs, [0.5, 0.1], top_k=1, progress=False)
+    ms = res.matrices[0]
+    assert ms.svd.u.dtype == torch.float32 and ms.grad.dtype == torch.float32 and ms.g_sigma.dtype == torch.float32
+    assert torch.isfinite(ms.g_sigma).all() and float(ms.g_sigma.abs().max()) > 0
+    from c2i_fast.search import build_candidates, evaluate_candidate
+    c = build_candidates([ms], {MATRIX: refs[0]}, [0.1], [1, 2], ["block"], progress=False)
+    res_c = evaluate_candidate(scorer, c[-1], None)
+    assert 0 <= res_c["accuracy"] <= 1 and res_c["log_loss"] == res_c["log_loss"]
+    assert type(find_matrix(model, MATRIX).module).__name__ == "Linear"        # restored after evaluation
