@@ -137,6 +137,9 @@ def _prepare(cfg, n_val: int = 0):
         device = f"cuda:{torch.cuda.current_device()}"
     lm = load_model(cfg.model, dtype=dtypes[dtype], device=device, device_map=getattr(cfg, "device_map", None))
     t_load = time.perf_counter() - t0
+    if lm.is_masked_lm:
+        raise C2IError(f"{cfg.model} is a masked LM: its matrices can be enumerated and factorized "
+                       f"(c2i_fast.factorize_), but task scoring is implemented for causal LMs only")
     task = check_tokenization(task, lm.tokenizer)
     return lm, task, t_load
 

@@ -168,3 +168,17 @@ def test_draws_report_the_spread_over_disjoint_selection_samples(tmp_path):
     base = json.loads((out / "report.json").read_text())["test"]["base"]
     assert base["n"] == 16      # every draw is judged on the same held-out set
     assert (out / "journal.draw1.jsonl").is_file() and not (out / "report").exists()
+
+
+def test_greedy_composition_adds_only_improving_edits(tmp_path):
+    out = tmp_path / "compose"
+    assert main(["adapt", "--model", "smollm2", "--task", "fever", "--samples", "16", "--test-size", "8",
+                 "--top-k", "3", "--types", "mlp_out", "--rank-fractions", "0.05", "--clusters", "1",
+                 "--max-evals", "3", "--compose", "2", "--out", str(out), "--quiet", "--no-report"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    plan, cands = rep["plan"], rep["search"]["candidates"]
+    assert len(plan) <= 3 and len({e["matrix"] for e in plan}) == len(plan)
+    if plan:   # the first edit is the best single candidate; the composition is at least as good as it
+        best = max((c for c in cands if "accuracy" in c), key=lambda c: (c["accuracy"], -c["log_loss"]))
+        assert plan[0]["matrix"] == best["matrix"]
+        assert rep["selection"]["adapted"]["accuracy"] >= best["accuracy"]
