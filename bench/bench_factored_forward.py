@@ -17,7 +17,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,19 +27,10 @@ import torch
 
 from c2i_fast.artifacts import accounting, export_dense, save_adapted
 from c2i_fast.models import load_model
+from c2i_fast.pipeline import device_name
 from c2i_fast.transform import Edit, Plan, factored_modules, factorize_, restore_
 
 ROOT = Path(__file__).resolve().parent
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def quantiles(ts: list[float]) -> dict:
@@ -149,7 +139,7 @@ def main(argv=None) -> int:
 
     import transformers
     result = {
-        "bench": "factored_forward", "device": "cpu", "cpu": cpu_name(), "torch": torch.__version__,
+        "bench": "factored_forward", "device": "cpu", "cpu": device_name(), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": sys.version.split()[0],
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "loadavg_1min_at_start": load,
         "loadavg_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import tempfile
@@ -30,17 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from c2i_fast.pipeline import AdaptConfig, LaserConfig, adapt, laser, versions  # noqa: E402
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+from c2i_fast.pipeline import AdaptConfig, LaserConfig, adapt, device_name, laser, versions  # noqa: E402
 
 
 def run(args) -> dict:
@@ -95,7 +84,7 @@ def run(args) -> dict:
     base = rows["c2i_fast"]["wall_seconds"]
     for r in rows.values():
         r["time_vs_c2i_fast"] = r["wall_seconds"] / base
-    return {"device": _cpu_name() if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+    return {"device": device_name(),
             "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "versions": versions(), "args": vars(args), "rows": rows}
 

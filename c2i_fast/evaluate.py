@@ -79,9 +79,6 @@ class PrefixCache:
         self.store: dict[tuple[int, int], object] = {}
         self.epoch = 0          # the Scorer batch layout it was captured for (batches change after an OOM)
 
-    def layers(self) -> set[int]:
-        return {l for _, l in self.store}
-
     def clear(self):
         self.store.clear()
 

@@ -91,6 +91,19 @@ def _emit(cfg, event: str, **fields):
             f.write(line + "\n")
 
 
+def device_name() -> str:
+    """The GPU's name, else the CPU model from /proc/cpuinfo (benchmark results name their device)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def versions() -> dict:
     import transformers
     from . import __version__
@@ -118,7 +131,7 @@ def _check_common(rank_fractions, samples: int, test_size: int, clusters=(1,)) -
         raise C2IError(f"--test-size must be ≥ 1, got {test_size}")
 
 
-def _prepare(cfg, n_val: int = 0):
+def _prepare(cfg):
     """Load model and task, make the splits; shared by adapt, laser and eval."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -24,9 +24,7 @@ import html
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from .errors import C2IError
@@ -873,21 +871,6 @@ def _html(report: dict, source: Path, figures: dict[str, bytes]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)          # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def render_figures(report: dict) -> dict[str, bytes]:
     """Every figure the report has the data for, as PNG bytes keyed by file name (in FIGURES order)."""
     makers = {"scan_heatmap.png": fig_scan_heatmap, "search_rho.png": fig_search_rho,
@@ -908,6 +891,7 @@ def render_report(run_dir, out_dir=None) -> Path:
     JSON object, or when matplotlib is not installed. Figure files of a previous render that this report has
     no data for are removed, so the folder always matches its index.html.
     """
+    from .transform import atomic_write_bytes    # lazily: rendering a report needs no model code loaded
     report, source = load_report(run_dir)
     figures = render_figures(report)
     out = Path(out_dir) if out_dir is not None else source.parent / "report"
@@ -916,10 +900,10 @@ def render_report(run_dir, out_dir=None) -> Path:
     except OSError as e:
         raise C2IError(f"cannot create the report folder {out}: {e}") from e
     for name, png in figures.items():
-        _atomic_write(out / name, png)
+        atomic_write_bytes(out / name, png)
     for name in FIGURES:
         if name not in figures and (out / name).is_file():
             (out / name).unlink()
     index = out / "index.html"
-    _atomic_write(index, _html(report, source, figures).encode("utf-8"))
+    atomic_write_bytes(index, _html(report, source, figures).encode("utf-8"))
     return index

@@ -38,7 +38,6 @@ class MatrixScan:
     type: str
     shape: tuple[int, int]
     g_sigma: torch.Tensor              # (p,) ∂L/∂σᵢ
-    sigma: torch.Tensor                # (p,)
     delta: dict[float, float]          # ρ → first-order ΔL̂ of plain truncation
     score: float                       # lower = more promising
     svd: SVD | None = None             # kept for the top-K only
@@ -191,7 +190,7 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
         m, n = svd.shape
         delta = {rho: truncation_delta(svd, g_sigma, rank_for(rho, m, n)) for rho in rank_fractions}
         s = min(delta.values()) if score == "first_order" else -float(g_sigma.norm())
-        scans.append(MatrixScan(r.name, r.layer, r.type, (m, n), g_sigma, svd.s.clone(), delta, s))
+        scans.append(MatrixScan(r.name, r.layer, r.type, (m, n), g_sigma, delta, s))
         svds[r.name] = svd
     if distributed.size() > 1:       # every rank gets every matrix's scan; the top-K SVDs are redone locally
         every = distributed.gather({ms.name: ms for ms in scans})

@@ -104,10 +104,8 @@ def evaluate_candidate(scorer: Scorer, c: Candidate, cache: PrefixCache | None, 
         return _evaluate_dense(scorer, todo)
     factorize_(model, [a.edit for a in todo], factors={a.edit.matrix: _factors(a) for a in todo})
     try:
-        start = min(a.layer for a in todo)
-        if cache is None or not any(l == start for l in cache.layers()):
-            start = 0
-        return scorer.evaluate(cache, start_layer=start)
+        # Scorer.run falls back to a full pass (capturing the layer) when the cache has no entry for it.
+        return scorer.evaluate(cache, start_layer=min(a.layer for a in todo))
     finally:
         restore_(model, [a.edit.matrix for a in todo])
 
