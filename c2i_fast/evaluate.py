@@ -9,9 +9,16 @@ Row layout (one row = one token sequence fed to the model)::
 
     kind            rows per example        continuation scored       logits read at
     classification  1 (all choices 1 token) none                      last position, over the choice ids
-                    C (multi-token choices) choice c                  the last len(c)+1 positions
+                    1 (multi-token choices, every choice, packed  the last Σ len(c)+1 positions
+                       packed: the default)   after one shared prompt
+                    C (multi-token, unpacked) choice c                the last len(c)+1 positions
     recall          1                       gold answer               the last len(answer)+1 positions
     generation      1 (+ greedy generation) gold answer (log-loss)    the last len(answer)+1 positions
+
+Packed choices: the prompt is run once and every choice follows it in the same row,
+``prompt | c₀ | c₁ | …``, with a 4D attention mask in which a choice's tokens see the prompt and their own
+earlier tokens only, and position ids that restart at len(prompt) for each choice. Each choice is then scored
+exactly as in its own row (same logits up to float round-off), for the cost of one prompt instead of C.
 
 A :class:`PrefixCache` remembers, per batch, the output of the decoder layer just below a given layer ℓ. A
 candidate that only changes matrices in layers ≥ ℓ is then scored by running layers ≥ ℓ alone: layers < ℓ
@@ -39,6 +46,7 @@ class _Row:
     choice: int           # choice index, or -1 for the gold target / prompt-only row
     ids: list[int]        # prompt + continuation token ids
     cont: list[int]       # continuation token ids (scored), may be empty
+    spans: list[tuple[int, int]] | None = None   # packed choices: (start index in ids, length) per choice
 
 
 @dataclass
@@ -48,6 +56,7 @@ class _Batch:
     attention_mask: torch.Tensor  # (B, T)
     position_ids: torch.Tensor    # (B, T)
     keep: int                     # logits kept from the end (max continuation length + 1)
+    allowed: torch.Tensor | None = None   # (B, 1, T, T) bool, packed choices only: query may attend key
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -131,13 +140,15 @@ class Scorer:
     """Scores one fixed list of examples; rows and batches are built once and reused for every candidate."""
 
     def __init__(self, model: nn.Module, tokenizer, examples: list[Example], kind: str,
-                 batch_tokens: int = 4096, scoring: str = "mean", max_new_tokens: int = 10):
+                 batch_tokens: int = 4096, scoring: str = "mean", max_new_tokens: int = 10,
+                 pack_choices: bool = True):
         if not examples:
             raise C2IError("no examples to score")
         if scoring not in ("sum", "mean"):
             raise C2IError(f"--scoring {scoring!r}: choose sum or mean")
         self.model, self.tokenizer, self.examples, self.kind = model, tokenizer, examples, kind
         self.scoring, self.max_new_tokens = scoring, max_new_tokens
+        self.pack_choices = pack_choices
         self.batch_tokens = batch_tokens
         self.progress = False                      # tqdm bar over batches (set for long evaluations)
         self.epoch = 0                             # bumped when an out-of-memory error halves the batches
@@ -167,6 +178,13 @@ class Scorer:
                 self.single_token_choices = torch.tensor([choice_ids[c][0] for c in choices0])
                 return [_Row(i, -1, p, []) for i, p in enumerate(prompts)]
             for i, (ex, p) in enumerate(zip(self.examples, prompts)):
+                if self.pack_choices:
+                    ids, spans = list(p), []
+                    for c in ex.choices:
+                        spans.append((len(ids), len(choice_ids[c])))
+                        ids += choice_ids[c]
+                    rows.append(_Row(i, -1, ids, ids[len(p):], spans))
+                    continue
                 for j, c in enumerate(ex.choices):
                     rows.append(_Row(i, j, p + choice_ids[c], choice_ids[c]))
             return rows
@@ -204,7 +222,23 @@ class Scorer:
             mask[i, t - len(r.ids):] = 1
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         keep = max(len(r.cont) for r in rows) + 1
-        return _Batch(rows, ids, mask, pos, keep)
+        allowed = None
+        if any(r.spans for r in rows):
+            # segment id per column: -1 padding, 0 prompt, j+1 choice j; a query sees earlier keys of the
+            # prompt or of its own segment; padding queries see themselves only (no all-masked row → no NaN)
+            seg = torch.full((len(rows), t), -1, dtype=torch.long)
+            for i, r in enumerate(rows):
+                off = t - len(r.ids)
+                seg[i, off:] = 0
+                for j, (start, n) in enumerate(r.spans or []):
+                    seg[i, off + start:off + start + n] = j + 1
+                    pos[i, off + start:off + start + n] = torch.arange(r.spans[0][0], r.spans[0][0] + n)
+            q, k = seg[:, :, None], seg[:, None, :]
+            causal = torch.ones(t, t, dtype=torch.bool).tril()
+            allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+            allowed |= torch.eye(t, dtype=torch.bool) & (q < 0)
+            allowed = allowed[:, None]
+        return _Batch(rows, ids, mask, pos, keep, allowed)
 
     # -- forward ----------------------------------------------------------------------------------------
     def _device(self):
@@ -212,7 +246,13 @@ class Scorer:
 
     def _logits(self, b: _Batch) -> torch.Tensor:
         dev = self._device()
-        out = self.model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev),
+        mask = b.attention_mask.to(dev)
+        if b.allowed is not None:        # packed choices: an additive float mask works for eager and SDPA
+            dtype = next(self.model.parameters()).dtype
+            dtype = dtype if dtype.is_floating_point else torch.float32
+            mask = torch.zeros(b.allowed.shape, dtype=dtype, device=dev).masked_fill_(
+                ~b.allowed.to(dev), torch.finfo(dtype).min)
+        out = self.model(input_ids=b.input_ids.to(dev), attention_mask=mask,
                          position_ids=b.position_ids.to(dev), logits_to_keep=b.keep, use_cache=False)
         logits = out.logits                                          # (B, keep, V)
         return logits if logits.dtype == torch.float64 else logits.float()
@@ -226,6 +266,18 @@ class Scorer:
             return None, None, None, choice_lp
         k = b.keep
         for i, r in enumerate(b.rows):
+            if r.spans:                  # packed: (C,) summed log-probs and lengths of every choice
+                first = k - 1 - len(r.cont)             # kept column of the last prompt token
+                s_i = []
+                for start, n in r.spans:
+                    cols = [first] + list(range(first + start - r.spans[0][0] + 1,
+                                                first + start - r.spans[0][0] + n))
+                    tgt = torch.tensor(r.ids[start:start + n], device=logp.device)
+                    s_i.append(logp[i, torch.tensor(cols, device=logp.device), tgt].sum())
+                sums.append(torch.stack(s_i))
+                lens.append(torch.tensor([float(n) for _, n in r.spans], device=logp.device))
+                greedy.append(False)
+                continue
             n = len(r.cont)
             pos = torch.arange(k - 1 - n, k - 1, device=logp.device)
             tgt = torch.tensor(r.cont, device=logp.device)
@@ -233,7 +285,7 @@ class Scorer:
             sums.append(lp.sum())
             lens.append(n)
             greedy.append(bool((logits[i, pos].argmax(-1) == tgt).all()))
-        return torch.stack(sums), lens, greedy, None
+        return (sums if b.allowed is not None else torch.stack(sums)), lens, greedy, None
 
     def run(self, cache: PrefixCache | None = None, start_layer: int = 0, capture: set[int] = frozenset(),
             grad: bool = False, only: set[int] | None = None):
@@ -267,6 +319,8 @@ class Scorer:
                 if choice_lp is not None:
                     d["sum"] = choice_lp[i]
                     d["len"] = torch.ones_like(choice_lp[i])
+                elif r.spans:
+                    d["sum"], d["len"] = sums[i], lens[i]
                 elif self.kind == "classification":
                     d.setdefault("s", {})[r.choice] = (sums[i], lens[i])
                 else:
