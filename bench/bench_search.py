@@ -75,10 +75,15 @@ def run(args) -> dict:
             "rows_per_pass": c["task"]["n_select"], "layer_passes": n_grid_c * n_layers, "plan": None,
             "note": f"{b['search']['n_evaluated']} of {n_grid_c} candidates timed ({per_b:.2f} s each, dense "
                     f"full forward), extrapolated; scan/candidates/held-out phases as (c)"}
-        # (a) LASER: selection from its exhaustive grid on the same 100 rows (exact cached evaluator) ...
+        # (a) LASER's cost the way LASER runs it, timed on a seeded subset and extrapolated ...
+        f = _laser_faithful(args, args.laser_layers)
+        pieces["laser_faithful"] = f
+        load_end, t_wait = os.getloadavg(), time.perf_counter()     # before any wait for --laser-report
+        # ... and its selection: the exhaustive grid on the same 100 rows (exact cached evaluator)
         a = None
         if args.laser_report:
-            a = json.loads(Path(args.laser_report).read_text())
+            a = json.loads(_wait_for(Path(args.laser_report)).read_text())
+            pieces["waited_for_laser_report_seconds"] = time.perf_counter() - t_wait
             for k, want in (("task", args.task), ("val_size", args.samples), ("test_size", args.test_size),
                             ("seed", args.seed)):
                 got = a["task"]["name"] if k == "task" else a["config"][k]
@@ -98,9 +103,6 @@ def run(args) -> dict:
         else:
             sel = {"plan": None, "n_test": c["task"]["n_test"]}
             overhead = sum(c["timings"].get(k, 0.0) for k in ("load", "test_base", "test_adapted"))
-        # ... and its cost the way LASER runs it, timed on a seeded subset and extrapolated
-        f = _laser_faithful(args, args.laser_layers)
-        pieces["laser_faithful"] = f
         for name, key, how in (("laser_faithful", "batch1", "one example at a time, as LASER's code"),
                                ("laser_batched", "batched", "batched (ours), kinder to LASER")):
             val_pass = f[key]["forward_seconds_per_row"] * f["n_val"]
@@ -114,7 +116,6 @@ def run(args) -> dict:
     for r in rows.values():
         r["row_layer_passes"] = r["layer_passes"] * r["rows_per_pass"]
         r["time_vs_c2i_fast"] = r["wall_seconds"] / rows["c2i_fast"]["wall_seconds"]
-    load = os.getloadavg()
     goals = {"c_vs_laser_faithful_speedup": rows["laser_faithful"]["time_vs_c2i_fast"],
              "c_vs_laser_batched_speedup": rows["laser_batched"]["time_vs_c2i_fast"],
              "c_vs_paper_faithful_speedup": rows["c2i_paper_faithful"]["time_vs_c2i_fast"],
@@ -125,10 +126,19 @@ def run(args) -> dict:
                     "accuracy_ge_laser": None if goals["held_out_c_minus_laser"] is None else
                         goals["held_out_c_minus_laser"] >= 0}
     return {"device": device_name(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "load_average_start": load0, "load_average_end": load,
-            "bench_seconds": time.perf_counter() - t_bench,
+            "load_average_start": load0, "load_average_end": load_end,
+            "bench_seconds": time.perf_counter() - t_bench - pieces.get("waited_for_laser_report_seconds", 0.0),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "args": vars(args),
             "rows": rows, "pieces": pieces, "goals": goals}
+
+
+def _wait_for(path: Path) -> Path:
+    """The report of a `c2i laser` run that may still be running (it is written last, atomically)."""
+    if not path.exists():
+        print(f"waiting for {path} ...", flush=True)
+    while not path.exists():
+        time.sleep(30)
+    return path
 
 
 def _selection(rep: dict) -> dict:
@@ -181,8 +191,9 @@ def _laser_faithful(args, layers=None) -> dict:
 def table(res: dict) -> str:
     a = res["args"]
     lines = [f"{res['device']}, {res['threads']} thread(s), {res['date']}; SmolLM2 ({a['model']}), task "
-             f"{a['task']}, seed {a['seed']}, held-out {res['rows']['c2i_fast']['n_test']} rows",
-             "| search | wall s | × c2i_fast | candidates | rows/pass | row·layer-passes | held-out base → adapted "
+             f"{a['task']}, seed {a['seed']}, {a['samples']} selection rows, held-out "
+             f"{res['rows']['c2i_fast']['n_test']} rows, top-k {a['top_k']}, max-evals {a['max_evals']}",
+             "| search | wall s | × c2i_fast | candidates | examples/pass | example·layer-passes | held-out base → adapted "
              "(majority) | plan |", "|---|---|---|---|---|---|---|---|"]
     for name, r in res["rows"].items():
         missing = "selection not run" if name.startswith("laser") else "not run in full"
