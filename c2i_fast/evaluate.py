@@ -231,8 +231,9 @@ class Scorer:
                 off = t - len(r.ids)
                 seg[i, off:] = 0
                 for j, (start, n) in enumerate(r.spans or []):
+                    prompt_len = r.spans[0][0]
                     seg[i, off + start:off + start + n] = j + 1
-                    pos[i, off + start:off + start + n] = torch.arange(r.spans[0][0], r.spans[0][0] + n)
+                    pos[i, off + start:off + start + n] = torch.arange(prompt_len, prompt_len + n)
             q, k = seg[:, :, None], seg[:, None, :]
             causal = torch.ones(t, t, dtype=torch.bool).tril()
             allowed = causal & (k >= 0) & ((k == 0) | (k == q))
@@ -267,13 +268,14 @@ class Scorer:
         k = b.keep
         for i, r in enumerate(b.rows):
             if r.spans:                  # packed: (C,) summed log-probs and lengths of every choice
-                first = k - 1 - len(r.cont)             # kept column of the last prompt token
+                off, prompt_len = k - len(r.ids), r.spans[0][0]   # row index x sits in kept column off + x
                 s_i = []
                 for start, n in r.spans:
-                    cols = [first] + list(range(first + start - r.spans[0][0] + 1,
-                                                first + start - r.spans[0][0] + n))
+                    # token start+t is predicted at index start+t−1; the first at the last prompt token
+                    at = [prompt_len - 1] + [start + t - 1 for t in range(1, n)]
+                    cols = torch.tensor([off + x for x in at], device=logp.device)
                     tgt = torch.tensor(r.ids[start:start + n], device=logp.device)
-                    s_i.append(logp[i, torch.tensor(cols, device=logp.device), tgt].sum())
+                    s_i.append(logp[i, cols, tgt].sum())
                 sums.append(torch.stack(s_i))
                 lens.append(torch.tensor([float(n) for _, n in r.spans], device=logp.device))
                 greedy.append(False)
