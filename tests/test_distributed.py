@@ -23,8 +23,10 @@ def test_two_processes_give_the_single_process_result(tmp_path, smollm2):
     # LAPACK code paths for the small per-cluster SVDs and differ in the last bits).
     one, two = tmp_path / "one", tmp_path / "two"
     for out, extra in ((one, []), (two, ["--nproc", "2"])):
+        # PYTHONFAULTHANDLER: an interpreter crash (SIGSEGV) in the run or a rank prints its Python stack below
         r = subprocess.run([sys.executable, "-m", "c2i_fast.cli", *ARGS, "--out", str(out), *extra],
-                           capture_output=True, text=True, timeout=900)
+                           capture_output=True, text=True, timeout=900,
+                           env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         assert r.returncode == 0, r.stderr[-3000:]
     a, b = (json.loads((d / "report.json").read_text()) for d in (one, two))
     assert b["world_size"] == 2 and a["world_size"] == 1
