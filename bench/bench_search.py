@@ -43,6 +43,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from c2i_fast.evaluate import Scorer  # noqa: E402
 from c2i_fast.pipeline import AdaptConfig, LaserConfig, adapt, device_name, laser, versions  # noqa: E402
 
 LASER_VAL_FRACTION = 0.2          # LASER selects on the first 20 % of each dataset (METHOD.md §2.3)
@@ -157,23 +158,21 @@ def _selection(rep: dict) -> dict:
             "timings": rep["timings"]}
 
 
-def _laser_code_path_scorer():
-    """A Scorer that computes what LASER's decoder scripts compute per example: ``log_softmax(model(ids).logits
-    [0], dim=1)`` — logits and log-probs at every position, not only the scored ones (the metrics read the
-    same numbers, so accuracy and log-loss are unchanged; only the cost is LASER's)."""
-    from c2i_fast.evaluate import Scorer
+class LaserCodePath(Scorer):
+    """A Scorer that computes what LASER's decoder scripts compute per example: one forward per row (per
+    example, or per choice when unpacked) and ``log_softmax(model(ids).logits[0], dim=1)`` — logits and
+    log-probs at every position, not only the scored ones (the metrics read the same numbers, so accuracy and
+    log-loss are unchanged; only the cost is LASER's)."""
 
-    class LaserCodePath(Scorer):
-        def _build_batches(self):          # one forward per row: per example, or per choice when unpacked
-            return [self._pad([r]) for r in self.rows]
+    def _build_batches(self):
+        return [self._pad([r]) for r in self.rows]
 
-        def _logits(self, b):
-            dev = self._device()
-            out = self.model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev),
-                             position_ids=b.position_ids.to(dev), use_cache=False)
-            logp = torch.log_softmax(out.logits.float(), dim=-1)           # (B, T, V), as LASER's code
-            return logp[:, -b.keep:]
-    return LaserCodePath
+    def _logits(self, b):
+        dev = self._device()
+        out = self.model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev),
+                         position_ids=b.position_ids.to(dev), use_cache=False)
+        logp = torch.log_softmax(out.logits.float(), dim=-1)           # (B, T, V), as LASER's code
+        return logp[:, -b.keep:]
 
 
 def _laser_faithful(args, layers=None) -> dict:
@@ -181,7 +180,6 @@ def _laser_faithful(args, layers=None) -> dict:
     seeded rows of its validation split (first 20 % of the task file): LASER's code path at batch 1 (one
     forward per choice, every position's log-softmax) and ours batched (packed choices, scored positions)."""
     from c2i_fast.decompose import full_svd
-    from c2i_fast.evaluate import Scorer
     from c2i_fast.models import LASER_TYPES, find_matrix, load_model, target_matrices
     from c2i_fast.search import DEFAULT_RANK_FRACTIONS, Candidate, evaluate_candidate
     from c2i_fast.tasks import check_tokenization, load_task
@@ -199,8 +197,7 @@ def _laser_faithful(args, layers=None) -> dict:
     out = {"n_val": n_val, "n_file": len(task.examples), "n_rows_timed": len(rows), "grid": len(grid),
            "subset": [f"{c['matrix']} rho={c['rank_fraction']}" for c in subset]}
     svd_s = []
-    laser_code = _laser_code_path_scorer()
-    for key, cls, pack in (("batch1", laser_code, False), ("batched", Scorer, True)):
+    for key, cls, pack in (("batch1", LaserCodePath, False), ("batched", Scorer, True)):
         sc = cls(lm.model, lm.tokenizer, rows, task.kind, batch_tokens=4096, pack_choices=pack,
                  max_new_tokens=task.spec.max_new_tokens)
         fwd = []

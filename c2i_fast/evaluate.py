@@ -230,8 +230,10 @@ class Scorer:
             for i, r in enumerate(rows):
                 off = t - len(r.ids)
                 seg[i, off:] = 0
-                for j, (start, n) in enumerate(r.spans or []):
-                    prompt_len = r.spans[0][0]
+                if not r.spans:
+                    continue
+                prompt_len = r.spans[0][0]
+                for j, (start, n) in enumerate(r.spans):
                     seg[i, off + start:off + start + n] = j + 1
                     pos[i, off + start:off + start + n] = torch.arange(prompt_len, prompt_len + n)
             q, k = seg[:, :, None], seg[:, None, :]

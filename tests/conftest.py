@@ -10,6 +10,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -26,3 +30,21 @@ def smollm2():
 def data_dir():
     from c2i_fast.tasks import data_dir as find
     return find()
+
+
+def _import_bench(stem: str):
+    """bench/<stem>.py as a module (bench/ is not a package), imported once per session."""
+    name = f"c2i_{stem}"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{stem}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def import_bench():
+    """Call with a bench script's stem, e.g. ``import_bench("bench_search")``."""
+    return _import_bench

@@ -1,25 +1,15 @@
 """bench/bench_search.py times LASER's own code path (one forward per choice, a log-softmax at every position):
 it must score exactly what our scorer scores, so only the cost differs — real SmolLM2, real task rows."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from c2i_fast.evaluate import Scorer
 from c2i_fast.tasks import check_tokenization, load_task, split
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("c2i_bench_search", REPO / "bench" / "bench_search.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["c2i_bench_search"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def bench(import_bench):
+    return import_bench("bench_search")
 
 
 @pytest.mark.parametrize("task_name", ["bigbench_epistemic_reasoning", "fever", "counterfact"])
@@ -27,7 +17,7 @@ def test_laser_code_path_scores_like_ours(bench, smollm2, data_dir, task_name):
     task = check_tokenization(load_task(task_name, data_dir), smollm2.tokenizer)
     rows = split(task, 5, 2, seed=1)["select"]
     ours = Scorer(smollm2.model, smollm2.tokenizer, rows, task.kind, batch_tokens=4096)
-    laser = bench._laser_code_path_scorer()(smollm2.model, smollm2.tokenizer, rows, task.kind, pack_choices=False)
+    laser = bench.LaserCodePath(smollm2.model, smollm2.tokenizer, rows, task.kind, pack_choices=False)
     assert all(len(b.rows) == 1 for b in laser.batches)                 # one example (or choice) at a time
     assert len(laser.batches) == len(laser.rows)
     if task_name == "bigbench_epistemic_reasoning":                    # multi-token choices: a forward each

@@ -1,9 +1,6 @@
 """bench/bench_kernels.py runs (--tiny: a few tiny shapes, seconds) and writes JSON with the promised fields."""
 import os
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,16 +8,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # same process as the interpreter tests: set it early
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("c2i_bench_kernels", REPO / "bench" / "bench_kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["c2i_bench_kernels"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def bench(import_bench):
+    return import_bench("bench_kernels")
 
 
 def test_bench_tiny_writes_json(bench, tmp_path, monkeypatch):
