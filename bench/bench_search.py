@@ -164,10 +164,13 @@ class LaserCodePath(Scorer):
     log-probs at every position, not only the scored ones (the metrics read the same numbers, so accuracy and
     log-loss are unchanged; only the cost is LASER's)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "share_prefix": False})     # LASER runs every row whole
+
     def _build_batches(self):
         return [self._pad([r]) for r in self.rows]
 
-    def _logits(self, b):
+    def _logits(self, b, prefix_kv=None):
         dev = self._device()
         out = self.model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev),
                          position_ids=b.position_ids.to(dev), use_cache=False)
@@ -199,7 +202,7 @@ def _laser_faithful(args, layers=None) -> dict:
     svd_s = []
     for key, cls, pack in (("batch1", LaserCodePath, False), ("batched", Scorer, True)):
         sc = cls(lm.model, lm.tokenizer, rows, task.kind, batch_tokens=4096, pack_choices=pack,
-                 max_new_tokens=task.spec.max_new_tokens)
+                 max_new_tokens=task.spec.max_new_tokens, share_prefix=False)   # LASER runs rows whole
         fwd = []
         for c in subset:
             ref = find_matrix(lm.model, c["matrix"])

@@ -47,6 +47,8 @@ def _common(p: argparse.ArgumentParser, out_required: bool = True, required: boo
     p.add_argument("--scoring", choices=["mean", "sum"], default="mean",
                    help="classification score: length-normalised (default) or summed log-prob; both are reported")
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward batch")
+    p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+                   help="run every row whole (default: a prompt prefix common to all rows runs once per pass)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--log-json", metavar="PATH", help="machine-readable JSON-lines events to PATH ('-' = stderr)")
@@ -184,8 +186,8 @@ def _run(args) -> int:
             top_k=args.top_k, rank_fractions=args.rank_fractions, clusters=args.clusters, methods=args.methods,
             types=args.types or MATRIX_TYPES, max_evals=args.max_evals, compose=args.compose, seed=args.seed,
             loss=args.loss, score=args.score, scoring=args.scoring, data_dir=args.data_dir, metric=args.metric,
-            batch_tokens=args.batch_tokens, resume=False, progress=progress, draws=args.draws,
-            threads=args.threads, log_json=args.log_json, dtype=args.dtype, device=args.device,
+            batch_tokens=args.batch_tokens, share_prefix=args.share_prefix, resume=False, progress=progress,
+            draws=args.draws, threads=args.threads, log_json=args.log_json, dtype=args.dtype, device=args.device,
             device_map=args.device_map, gradient_checkpointing=args.gradient_checkpointing)
         rep = pipeline.adapt(cfg)
         _finish(rep, cfg.out, args.no_report)
@@ -194,16 +196,16 @@ def _run(args) -> int:
             model=args.model, task=args.task, out=args.out, val_size=args.val_size, test_size=args.test_size,
             rank_fractions=args.rank_fractions, types=args.types, layers=args.layers, seed=args.seed,
             scoring=args.scoring, data_dir=args.data_dir, metric=args.metric, batch_tokens=args.batch_tokens,
-            faithful=args.faithful, progress=progress, threads=args.threads, resume=args.resume,
-            log_json=args.log_json)
+            share_prefix=args.share_prefix, faithful=args.faithful, progress=progress, threads=args.threads,
+            resume=args.resume, log_json=args.log_json)
         rep = pipeline.laser(cfg)
         _finish(rep, cfg.out, args.no_report)
     elif args.command == "eval":
         cfg = pipeline.EvalConfig(
             model=args.model, task=args.task, plan=args.adapted, samples=args.samples, test_size=args.test_size,
             seed=args.seed, scoring=args.scoring, data_dir=args.data_dir, metric=args.metric,
-            batch_tokens=args.batch_tokens, progress=progress, threads=args.threads, out=args.out,
-            log_json=args.log_json)
+            batch_tokens=args.batch_tokens, share_prefix=args.share_prefix, progress=progress, threads=args.threads,
+            out=args.out, log_json=args.log_json)
         rep = pipeline.evaluate_model(cfg)
         print(json.dumps({k: rep[k] for k in rep if k in ("task", "n_test", "base", "adapted")}, indent=2,
                          default=str))

@@ -23,6 +23,17 @@ exactly as in its own row (same logits up to float round-off), for the cost of o
 A :class:`PrefixCache` remembers, per batch, the output of the decoder layer just below a given layer ℓ. A
 candidate that only changes matrices in layers ≥ ℓ is then scored by running layers ≥ ℓ alone: layers < ℓ
 are swapped for stubs that replay the cached output (gpt-fast-style module swap, undone afterwards).
+
+Shared prompt prefix: when every row starts with the same tokens (a task instruction, few-shot examples), those
+tokens are run once per pass as a one-row batch and their keys/values are handed to every batch through the
+model's own KV cache (``past_key_values``), so each batch runs only the part of its rows after the prefix::
+
+    prefix (1 row, P tokens) ──KV──▶ batch rows [pad … | tokens after the prefix], position ids P, P+1, …
+
+Causality makes this exact: a prefix token sees only prefix tokens, so its keys/values are the same in every
+row. The prefix gets its own entries in the PrefixCache (its layer-ℓ−1 output and its keys/values below ℓ), so
+a candidate at layer ℓ recomputes the prefix from ℓ up only. Used for decoder-only causal LMs with full
+attention in every layer; everything else runs the rows whole.
 """
 from __future__ import annotations
 
@@ -38,6 +49,8 @@ from .errors import C2IError
 from .tasks import Example, majority_baseline
 
 MAX_PROMPT_TOKENS = 1024
+MIN_SHARED_PREFIX = 8        # shorter common prefixes are not worth an extra one-row pass
+PREFIX = "prefix"            # PrefixCache key of the shared prefix's own entries
 
 
 @dataclass
@@ -56,7 +69,8 @@ class _Batch:
     attention_mask: torch.Tensor  # (B, T)
     position_ids: torch.Tensor    # (B, T)
     keep: int                     # logits kept from the end (max continuation length + 1)
-    allowed: torch.Tensor | None = None   # (B, 1, T, T) bool, packed choices only: query may attend key
+    allowed: torch.Tensor | None = None   # (B, 1, T, P+T) bool: query may attend key (packed choices or a
+                                          # shared prefix of P tokens; None: the 2D mask says it all)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -82,7 +96,9 @@ class _Replay(nn.Module):
 
 
 class PrefixCache:
-    """Outputs of the layer below each cached layer ℓ, per batch: {(batch, ℓ): output of layer ℓ−1}."""
+    """Outputs of the layer below each cached layer ℓ, per batch: {(batch, ℓ): output of layer ℓ−1}; for a
+    shared prompt prefix also {("prefix", ℓ): its output of layer ℓ−1, ("prefix_kv", ℓ): its (K, V) of layers
+    < ℓ}."""
 
     def __init__(self):
         self.store: dict[tuple[int, int], object] = {}
@@ -90,6 +106,30 @@ class PrefixCache:
 
     def clear(self):
         self.store.clear()
+
+
+def supports_shared_prefix(model: nn.Module) -> bool:
+    """Decoder-only causal LM, full attention in every layer (a sliding window would need its own mask)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not type(model).__name__.endswith("ForCausalLM") or cfg.is_encoder_decoder:
+        return False
+    text = cfg.get_text_config(decoder=True)
+    if getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None):
+        return False
+    return all(t == "full_attention" for t in (getattr(text, "layer_types", None) or ["full_attention"]))
+
+
+def shared_prefix_length(rows: list[_Row]) -> int:
+    """Tokens every row starts with, stopping before any row's first scored position (the logits read for a
+    row's continuation come from its last ``len(cont) + 1`` tokens, which must stay in the batch)."""
+    first = rows[0].ids
+    n = min(len(r.ids) - len(r.cont) - 1 for r in rows)
+    for r in rows[1:]:
+        i = 0
+        while i < n and r.ids[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
 
 
 def _detach(obj):
@@ -141,7 +181,7 @@ class Scorer:
 
     def __init__(self, model: nn.Module, tokenizer, examples: list[Example], kind: str,
                  batch_tokens: int = 4096, scoring: str = "mean", max_new_tokens: int = 10,
-                 pack_choices: bool = True):
+                 pack_choices: bool = True, share_prefix: bool = True, batch_overhead: int | None = None):
         if not examples:
             raise C2IError("no examples to score")
         if scoring not in ("sum", "mean"):
@@ -150,12 +190,21 @@ class Scorer:
         self.scoring, self.max_new_tokens = scoring, max_new_tokens
         self.pack_choices = pack_choices
         self.batch_tokens = batch_tokens
+        self.batch_overhead = batch_overhead      # tokens one more batch costs (None: by device, _build_batches)
         self.progress = False                      # tqdm bar over batches (set for long evaluations)
         self.epoch = 0                             # bumped when an out-of-memory error halves the batches
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
         self.single_token_choices: torch.Tensor | None = None
         self.rows = self._build_rows()
+        self.prefix_ids: list[int] = []           # shared prompt prefix, run once per pass (module docstring)
+        if share_prefix and supports_shared_prefix(model):
+            p = shared_prefix_length(self.rows)
+            if p >= MIN_SHARED_PREFIX:
+                self.prefix_ids = self.rows[0].ids[:p]
+                for r in self.rows:
+                    r.ids = r.ids[p:]
+                    r.spans = [(start - p, n) for start, n in r.spans] if r.spans else r.spans
         self.batches = self._build_batches()
         self.forward_rows = len(self.rows)
 
@@ -196,34 +245,49 @@ class Scorer:
         return rows
 
     def _build_batches(self) -> list[_Batch]:
-        """Rows of one example stay in one batch (the choice loss needs all of an example's choices);
-        examples are sorted by length so little padding is wasted; at most ``batch_tokens`` per batch."""
+        """Rows of one example stay in one batch (the choice loss needs all of an example's choices).
+        Examples are sorted by length and cut into contiguous batches of at most ``batch_tokens`` (padded)
+        tokens that minimise padded tokens + a per-batch overhead: on a CPU, where a forward costs about its
+        token count, that is little padding in many small batches; on a GPU, where a launch costs as much as
+        many tokens, few full batches."""
         units: dict[int, list[_Row]] = {}
         for r in self.rows:
             units.setdefault(r.example, []).append(r)
         order = sorted(units, key=lambda e: (max(len(r.ids) for r in units[e]), e))
-        batches, cur = [], []
-        for e in order:
-            cand = cur + units[e]
-            if cur and max(len(r.ids) for r in cand) * len(cand) > self.batch_tokens:
-                batches.append(self._pad(cur))
-                cand = list(units[e])
-            cur = cand
-        if cur:
-            batches.append(self._pad(cur))
-        return batches
+        length = [max(len(r.ids) for r in units[e]) for e in order]
+        count = [len(units[e]) for e in order]
+        overhead = self.batch_overhead
+        if overhead is None:
+            overhead = self.batch_tokens // 2 if any(p.is_cuda for p in self.model.parameters()) else 32
+        # best[j]: least cost of batching the first j examples; cut[j]: where its last batch starts
+        best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
+        for j in range(1, len(order) + 1):
+            n = 0
+            for i in range(j - 1, -1, -1):          # last batch = examples i..j-1, padded to length[j-1]
+                n += count[i]
+                padded = n * length[j - 1]
+                if padded > self.batch_tokens and i < j - 1:
+                    break                            # an example alone may exceed batch_tokens
+                if best[i] + padded + overhead < best[j]:
+                    best[j], cut[j] = best[i] + padded + overhead, i
+        bounds, j = [], len(order)
+        while j > 0:
+            bounds.append((cut[j], j))
+            j = cut[j]
+        return [self._pad([r for e in order[i:j] for r in units[e]]) for i, j in reversed(bounds)]
 
     def _pad(self, rows: list[_Row]) -> _Batch:
+        p = len(self.prefix_ids)        # rows are the tokens after a shared prefix of p (0: none)
         t = max(len(r.ids) for r in rows)
         ids = torch.full((len(rows), t), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), t), dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, t - len(r.ids):] = torch.tensor(r.ids)
             mask[i, t - len(r.ids):] = 1
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        pos = (mask.cumsum(1) - 1).clamp(min=0) + p
         keep = max(len(r.cont) for r in rows) + 1
         allowed = None
-        if any(r.spans for r in rows):
+        if p or any(r.spans for r in rows):
             # segment id per column: -1 padding, 0 prompt, j+1 choice j; a query sees earlier keys of the
             # prompt or of its own segment; padding queries see themselves only (no all-masked row → no NaN)
             seg = torch.full((len(rows), t), -1, dtype=torch.long)
@@ -235,11 +299,13 @@ class Scorer:
                 prompt_len = r.spans[0][0]
                 for j, (start, n) in enumerate(r.spans):
                     seg[i, off + start:off + start + n] = j + 1
-                    pos[i, off + start:off + start + n] = torch.arange(prompt_len, prompt_len + n)
+                    pos[i, off + start:off + start + n] = torch.arange(p + prompt_len, p + prompt_len + n)
             q, k = seg[:, :, None], seg[:, None, :]
             causal = torch.ones(t, t, dtype=torch.bool).tril()
             allowed = causal & (k >= 0) & ((k == 0) | (k == q))
             allowed |= torch.eye(t, dtype=torch.bool) & (q < 0)
+            if p:                        # every query sees the whole shared prefix
+                allowed = torch.cat([torch.ones(len(rows), t, p, dtype=torch.bool), allowed], dim=2)
             allowed = allowed[:, None]
         return _Batch(rows, ids, mask, pos, keep, allowed)
 
@@ -247,16 +313,24 @@ class Scorer:
     def _device(self):
         return next(self.model.parameters()).device
 
-    def _logits(self, b: _Batch) -> torch.Tensor:
+    def _float_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """Additive float mask from a bool one (works for eager and SDPA attention)."""
+        dtype = next(self.model.parameters()).dtype
+        dtype = dtype if dtype.is_floating_point else torch.float32
+        return torch.zeros(allowed.shape, dtype=dtype, device=self._device()).masked_fill_(
+            ~allowed.to(self._device()), torch.finfo(dtype).min)
+
+    def _logits(self, b: _Batch, prefix_kv: list | None = None) -> torch.Tensor:
         dev = self._device()
-        mask = b.attention_mask.to(dev)
-        if b.allowed is not None:        # packed choices: an additive float mask works for eager and SDPA
-            dtype = next(self.model.parameters()).dtype
-            dtype = dtype if dtype.is_floating_point else torch.float32
-            mask = torch.zeros(b.allowed.shape, dtype=dtype, device=dev).masked_fill_(
-                ~b.allowed.to(dev), torch.finfo(dtype).min)
-        out = self.model(input_ids=b.input_ids.to(dev), attention_mask=mask,
-                         position_ids=b.position_ids.to(dev), logits_to_keep=b.keep, use_cache=False)
+        mask = b.attention_mask.to(dev) if b.allowed is None else self._float_mask(b.allowed)
+        extra = {}
+        if prefix_kv is not None:        # the shared prefix's keys/values, the same for every row
+            from transformers import DynamicCache
+            n = b.input_ids.shape[0]
+            extra["past_key_values"] = DynamicCache(
+                [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix_kv], config=self.model.config)
+        out = self.model(input_ids=b.input_ids.to(dev), attention_mask=mask, position_ids=b.position_ids.to(dev),
+                         logits_to_keep=b.keep, use_cache=False, **extra)
         logits = out.logits                                          # (B, keep, V)
         return logits if logits.dtype == torch.float64 else logits.float()
 
@@ -291,6 +365,25 @@ class Scorer:
             greedy.append(bool((logits[i, pos].argmax(-1) == tgt).all()))
         return (sums if b.allowed is not None else torch.stack(sums)), lens, greedy, None
 
+    def _prefix_kv(self, cache: PrefixCache | None, start_layer: int, capture: set[int]) -> list:
+        """(K, V) of every layer, each (1, kv_heads, P, head_dim), for the shared prefix under the model's
+        current weights: layers < ``start_layer`` from the cache, the rest computed (a one-row pass)."""
+        from transformers import DynamicCache
+        dev, p = self._device(), len(self.prefix_ids)
+        kv = DynamicCache(config=self.model.config)
+        causal = torch.ones(p, p, dtype=torch.bool).tril()[None, None]
+        with _replay(self.model, cache, PREFIX, start_layer), _capture(self.model, cache, PREFIX, set(capture)):
+            self.model(input_ids=torch.tensor([self.prefix_ids], device=dev), attention_mask=self._float_mask(causal),
+                       position_ids=torch.arange(p, device=dev)[None], past_key_values=kv, logits_to_keep=1,
+                       use_cache=True)
+        layers = [(layer.keys, layer.values) for layer in kv.layers]
+        if start_layer > 0:
+            layers[:start_layer] = cache.store[("prefix_kv", start_layer)]
+        if cache is not None:
+            for l in capture:            # keys/values below l do not change for a candidate at l
+                cache.store[("prefix_kv", l)] = [(_detach(k), _detach(v)) for k, v in layers[:l]]
+        return layers
+
     def run(self, cache: PrefixCache | None = None, start_layer: int = 0, capture: set[int] = frozenset(),
             grad: bool = False, only: set[int] | None = None):
         """Yield (batch, row stats) for each batch; reuse/capture the prefix cache as asked.
@@ -300,17 +393,22 @@ class Scorer:
         if cache is not None and cache.epoch != self.epoch:
             cache.clear()
             cache.epoch = self.epoch
-        if cache is not None and start_layer > 0 and any((bi, start_layer) not in cache.store
-                                                         for bi in range(len(self.batches))):
+        keys = list(range(len(self.batches))) + ([PREFIX] if self.prefix_ids else [])
+        if cache is not None and start_layer > 0 and (
+                any((k, start_layer) not in cache.store for k in keys)
+                or (self.prefix_ids and ("prefix_kv", start_layer) not in cache.store)):
             capture = set(capture) | {start_layer}
             start_layer = 0
         from tqdm.auto import tqdm
+        kv = None
         for bi, b in enumerate(tqdm(self.batches, desc="evaluate", disable=not self.progress, leave=False)):
             if only is not None and bi not in only:
                 continue
-            with _replay(self.model, cache, bi, start_layer), _capture(self.model, cache, bi, set(capture)), \
-                    torch.set_grad_enabled(grad):
-                logits = self._logits(b)
+            with torch.set_grad_enabled(grad):
+                if self.prefix_ids and (kv is None or grad):     # with grad: each batch's graph is freed
+                    kv = self._prefix_kv(cache, start_layer, capture)
+                with _replay(self.model, cache, bi, start_layer), _capture(self.model, cache, bi, set(capture)):
+                    logits = self._logits(b, kv)
             yield b, self._row_stats(b, logits)
 
     # -- metrics ----------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class AdaptConfig:
     data_dir: str | None = None
     metric: str | None = None
     batch_tokens: int = 4096
+    share_prefix: bool = True           # run a prompt prefix common to every row once per pass (exact)
     resume: bool = False
     progress: bool = True
     draws: int = 1
@@ -158,8 +159,10 @@ def _prepare(cfg):
 
 
 def _scorer(lm, task, examples, cfg) -> Scorer:
+    # the paper-faithful and LASER-faithful modes run every row whole, as those methods' code does
+    share = cfg.share_prefix and not getattr(cfg, "dense_candidates", False) and not getattr(cfg, "faithful", False)
     return Scorer(lm.model, lm.tokenizer, examples, task.kind, batch_tokens=cfg.batch_tokens,
-                  scoring=cfg.scoring, max_new_tokens=task.spec.max_new_tokens)
+                  scoring=cfg.scoring, max_new_tokens=task.spec.max_new_tokens, share_prefix=share)
 
 
 def _read_journal(path: Path) -> dict[str, dict]:
@@ -387,6 +390,7 @@ class LaserConfig:
     data_dir: str | None = None
     metric: str | None = None
     batch_tokens: int = 4096
+    share_prefix: bool = True           # run a prompt prefix common to every row once per pass (exact)
     faithful: bool = False              # dense rebuild + full forward per candidate, as LASER's code does
     progress: bool = True
     threads: int | None = None
@@ -488,6 +492,7 @@ class EvalConfig:
     data_dir: str | None = None
     metric: str | None = None
     batch_tokens: int = 4096
+    share_prefix: bool = True           # run a prompt prefix common to every row once per pass (exact)
     progress: bool = True
     threads: int | None = None
     out: str | None = None

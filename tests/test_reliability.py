@@ -84,7 +84,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_numbers(smollm2, data
         return real_forward(*args, **kwargs)
     model.forward = forward
     try:
-        sc = Scorer(model, smollm2.tokenizer, rows, task.kind)
+        sc = Scorer(model, smollm2.tokenizer, rows, task.kind, batch_overhead=10_000)   # one batch to start
         assert len(sc.batches) == 1
         cache = PrefixCache()
         got = sc.evaluate(cache, capture={29})
