@@ -341,29 +341,43 @@ class Scorer:
         if self.single_token_choices is not None:
             choice_lp = logp[:, -1, self.single_token_choices.to(logp.device)]    # (B, C)
             return None, None, None, choice_lp
-        k = b.keep
+        # every scored token of the batch in one gather (one backward node, not one per row and choice);
+        # a segment is one row's continuation, or one choice of a packed row
+        k, dev = b.keep, logp.device
+        at_row, at_col, tgt, seg, seg_len = [], [], [], [], []
         for i, r in enumerate(b.rows):
-            if r.spans:                  # packed: (C,) summed log-probs and lengths of every choice
-                off, prompt_len = k - len(r.ids), r.spans[0][0]   # row index x sits in kept column off + x
-                s_i = []
+            off = k - len(r.ids)                 # row index x sits in kept column off + x
+            if r.spans:
+                prompt_len = r.spans[0][0]
                 for start, n in r.spans:
                     # token start+t is predicted at index start+t−1; the first at the last prompt token
-                    at = [prompt_len - 1] + [start + t - 1 for t in range(1, n)]
-                    cols = torch.tensor([off + x for x in at], device=logp.device)
-                    tgt = torch.tensor(r.ids[start:start + n], device=logp.device)
-                    s_i.append(logp[i, cols, tgt].sum())
-                sums.append(torch.stack(s_i))
-                lens.append(torch.tensor([float(n) for _, n in r.spans], device=logp.device))
-                greedy.append(False)
-                continue
-            n = len(r.cont)
-            pos = torch.arange(k - 1 - n, k - 1, device=logp.device)
-            tgt = torch.tensor(r.cont, device=logp.device)
-            lp = logp[i, pos, tgt]
-            sums.append(lp.sum())
-            lens.append(n)
-            greedy.append(bool((logits[i, pos].argmax(-1) == tgt).all()))
-        return (sums if b.allowed is not None else torch.stack(sums)), lens, greedy, None
+                    at_col += [off + prompt_len - 1] + [off + start + t - 1 for t in range(1, n)]
+                    at_row += [i] * n
+                    tgt += r.ids[start:start + n]
+                    seg += [len(seg_len)] * n
+                    seg_len.append(n)
+            else:
+                n = len(r.cont)
+                at_col += list(range(k - 1 - n, k - 1))
+                at_row += [i] * n
+                tgt += r.cont
+                seg += [len(seg_len)] * n
+                seg_len.append(n)
+        at_row, at_col, tgt, seg = (torch.tensor(x, device=dev) for x in (at_row, at_col, tgt, seg))
+        seg_sum = torch.zeros(len(seg_len), dtype=logp.dtype, device=dev).index_add(0, seg, logp[at_row, at_col, tgt])
+        packed = any(r.spans for r in b.rows)
+        if not packed:                           # one segment per row: all-greedy flags too
+            miss = (logits[at_row, at_col].argmax(-1) != tgt).float()
+            misses = torch.zeros(len(seg_len), device=dev).index_add(0, seg, miss)
+            return seg_sum, seg_len, [bool(m == 0) for m in misses], None
+        j = 0
+        for r in b.rows:
+            c = len(r.spans) if r.spans else 1
+            sums.append(seg_sum[j:j + c] if r.spans else seg_sum[j])
+            lens.append(torch.tensor([float(n) for n in seg_len[j:j + c]], device=dev) if r.spans else seg_len[j])
+            greedy.append(False)
+            j += c
+        return sums, lens, greedy, None
 
     def _prefix_kv(self, cache: PrefixCache | None, start_layer: int, capture: set[int]) -> list:
         """(K, V) of every layer, each (1, kv_heads, P, head_dim), for the shared prefix under the model's

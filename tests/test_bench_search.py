@@ -26,3 +26,11 @@ def test_laser_code_path_scores_like_ours(bench, smollm2, data_dir, task_name):
         a, b = ours.evaluate(), laser.evaluate()
     assert a["correct"] == b["correct"]
     assert a["log_loss"] == pytest.approx(b["log_loss"], rel=1e-4)
+
+
+def test_batching_bench_layouts_agree_and_shrink(import_bench, smollm2, data_dir):
+    rows = import_bench("bench_batching").measure(smollm2, "bigbench_epistemic_reasoning", 12, 0, 1)
+    assert [r["layout"] for r in rows][0] == "whole rows, full batches"
+    assert rows[0]["shared_prefix_tokens"] == 0 and rows[1]["shared_prefix_tokens"] >= 8
+    assert rows[0]["padded_tokens"] > rows[1]["padded_tokens"] >= rows[2]["padded_tokens"]
+    assert len({r["accuracy"] for r in rows}) == 1
