@@ -337,32 +337,28 @@ class Scorer:
     def _row_stats(self, b: _Batch, logits: torch.Tensor):
         """Per row: summed log-prob of the continuation, its length, all-greedy flag, choice log-probs."""
         logp = torch.log_softmax(logits, dim=-1)
-        sums, lens, greedy, choice_lp = [], [], [], None
         if self.single_token_choices is not None:
             choice_lp = logp[:, -1, self.single_token_choices.to(logp.device)]    # (B, C)
             return None, None, None, choice_lp
         # every scored token of the batch in one gather (one backward node, not one per row and choice);
         # a segment is one row's continuation, or one choice of a packed row
         k, dev = b.keep, logp.device
-        at_row, at_col, tgt, seg, seg_len = [], [], [], [], []
+        segments = []                            # (batch row, kept columns read, target tokens)
         for i, r in enumerate(b.rows):
             off = k - len(r.ids)                 # row index x sits in kept column off + x
             if r.spans:
                 prompt_len = r.spans[0][0]
                 for start, n in r.spans:
                     # token start+t is predicted at index start+t−1; the first at the last prompt token
-                    at_col += [off + prompt_len - 1] + [off + start + t - 1 for t in range(1, n)]
-                    at_row += [i] * n
-                    tgt += r.ids[start:start + n]
-                    seg += [len(seg_len)] * n
-                    seg_len.append(n)
+                    cols = [off + prompt_len - 1] + [off + start + t - 1 for t in range(1, n)]
+                    segments.append((i, cols, r.ids[start:start + n]))
             else:
-                n = len(r.cont)
-                at_col += list(range(k - 1 - n, k - 1))
-                at_row += [i] * n
-                tgt += r.cont
-                seg += [len(seg_len)] * n
-                seg_len.append(n)
+                segments.append((i, list(range(k - 1 - len(r.cont), k - 1)), r.cont))
+        seg_len = [len(cols) for _, cols, _ in segments]
+        at_row = [i for i, cols, _ in segments for _ in cols]
+        at_col = [c for _, cols, _ in segments for c in cols]
+        tgt = [t for _, _, toks in segments for t in toks]
+        seg = [j for j, n in enumerate(seg_len) for _ in range(n)]
         at_row, at_col, tgt, seg = (torch.tensor(x, device=dev) for x in (at_row, at_col, tgt, seg))
         seg_sum = torch.zeros(len(seg_len), dtype=logp.dtype, device=dev).index_add(0, seg, logp[at_row, at_col, tgt])
         packed = any(r.spans for r in b.rows)
@@ -370,7 +366,7 @@ class Scorer:
             miss = (logits[at_row, at_col].argmax(-1) != tgt).float()
             misses = torch.zeros(len(seg_len), device=dev).index_add(0, seg, miss)
             return seg_sum, seg_len, [bool(m == 0) for m in misses], None
-        j = 0
+        sums, lens, greedy, j = [], [], [], 0
         for r in b.rows:
             c = len(r.spans) if r.spans else 1
             sums.append(seg_sum[j:j + c] if r.spans else seg_sum[j])
@@ -403,7 +399,9 @@ class Scorer:
         """Yield (batch, row stats) for each batch; reuse/capture the prefix cache as asked.
 
         A cache captured for another batch layout (before an out-of-memory split) is dropped; a batch whose
-        cache entry is missing runs from layer 0 and captures it."""
+        cache entry is missing runs from layer 0 and captures it; without a cache every pass runs from layer 0."""
+        if cache is None:
+            start_layer = 0
         if cache is not None and cache.epoch != self.epoch:
             cache.clear()
             cache.epoch = self.epoch

@@ -126,3 +126,12 @@ def test_other_decoder_families(smollm2, data_dir, kind):
 def test_not_used_where_unsupported(smollm2):
     assert supports_shared_prefix(smollm2.model)
     assert not supports_shared_prefix(torch.nn.Linear(2, 2))
+
+
+def test_start_layer_without_a_cache_runs_whole(smollm2, data_dir):
+    """No prefix cache (generation tasks, the dense bench path): a start layer cannot be replayed, so the pass
+    runs from layer 0, the shared prefix included."""
+    task, rows = _rows(smollm2, data_dir, "bigbench_epistemic_reasoning", 6)
+    whole, shared = _pair(smollm2.model, smollm2.tokenizer, task, rows)
+    with torch.no_grad():
+        _assert_same(whole.evaluate(), shared.evaluate(None, start_layer=5))
