@@ -71,6 +71,9 @@ class _Batch:
     keep: int                     # logits kept from the end (max continuation length + 1)
     allowed: torch.Tensor | None = None   # (B, 1, T, P+T) bool: query may attend key (packed choices or a
                                           # shared prefix of P tokens; None: the 2D mask says it all)
+    read: list[int] | None = None         # the columns, of the last ``keep``, whose logits are ever read
+    gather: tuple | None = None           # (row, column in ``read``, target token, segment) index tensors
+    seg_len: list[int] | None = None      # scored tokens per segment (a row's continuation or one choice)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -135,8 +138,8 @@ def shared_prefix_length(rows: list[_Row]) -> int:
 def _detach(obj):
     if isinstance(obj, torch.Tensor):
         return obj.detach()
-    if isinstance(obj, tuple):
-        return tuple(_detach(o) for o in obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_detach(o) for o in obj)
     return obj
 
 
@@ -176,12 +179,76 @@ def _replay(model, cache: PrefixCache | None, batch_index: int, start_layer: int
             blocks[i] = saved[i]
 
 
+POSITIONWISE = ("q", "o", "mlp_in", "mlp_up", "mlp_out")    # a column's output feeds that column only
+
+
+def last_layer_positionwise(model: nn.Module) -> list[str]:
+    """Names of the last decoder layer's matrices whose output at a column is used at that column only (query,
+    attention output, MLP) — in a causal LM, whose head reads a column's last hidden state alone, those are
+    needed at the columns whose logits are read, nothing else. Keys/values (and fused QKV) feed every later
+    column, so they stay whole. Empty for anything that is not a decoder-only ``*ForCausalLM``."""
+    from .models import target_matrices
+    cfg = getattr(model, "config", None)
+    if cfg is None or not type(model).__name__.endswith("ForCausalLM") or cfg.is_encoder_decoder:
+        return []
+    try:
+        refs = target_matrices(model)
+        last = len(decoder_layers(model)) - 1
+    except (C2IError, AttributeError):
+        return []
+    return [r.name for r in refs if r.layer == last and r.type in POSITIONWISE]
+
+
+@contextmanager
+def _tail_only(model: nn.Module, names: list[str], read: torch.Tensor):
+    """Run ``names`` (the last layer's position-wise matrices) at the ``read`` columns only: gather those columns
+    of the input, scatter the output back into zeros. The other columns of the last layer's output are then
+    wrong, but nothing reads them (the head sees the ``read`` columns only). Exact, and it spares most of
+    the last layer when a few answer tokens are scored after a long prompt. Off under gradient
+    checkpointing, whose recomputation would run the modules without the hooks."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:                       # transformers < 5.x name
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if not names or checkpointing:
+        yield
+        return
+    handles = []
+
+    def gather(m, args):
+        x = args[0]
+        m._c2i_full = x.shape[1] if x.dim() == 3 else None
+        if m._c2i_full is None or m._c2i_full == len(read):
+            m._c2i_full = None
+            return None
+        return (x.index_select(1, read),) + tuple(args[1:])
+
+    def scatter(m, _args, out):
+        t, m._c2i_full = m._c2i_full, None
+        if t is None:
+            return None
+        return out.new_zeros(out.shape[0], t, out.shape[2]).index_copy(1, read, out)
+
+    try:
+        for n in names:
+            mod = model.get_submodule(n)
+            # dense layers only: a factored candidate swapped in here runs at every column (hooking the custom
+            # low-rank op this way crashed the CPU process in tests, intermittently; not understood yet)
+            if not (isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"):
+                continue
+            handles += [mod.register_forward_pre_hook(gather), mod.register_forward_hook(scatter)]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class Scorer:
     """Scores one fixed list of examples; rows and batches are built once and reused for every candidate."""
 
     def __init__(self, model: nn.Module, tokenizer, examples: list[Example], kind: str,
                  batch_tokens: int = 4096, scoring: str = "mean", max_new_tokens: int = 10,
-                 pack_choices: bool = True, share_prefix: bool = True, batch_overhead: int | None = None):
+                 pack_choices: bool = True, share_prefix: bool = True, batch_overhead: int | None = None,
+                 tail_only: bool = True):
         if not examples:
             raise C2IError("no examples to score")
         if scoring not in ("sum", "mean"):
@@ -207,6 +274,8 @@ class Scorer:
                     r.spans = [(start - p, n) for start, n in r.spans] if r.spans else r.spans
         self.batches = self._build_batches()
         self.forward_rows = len(self.rows)
+        # the last layer's position-wise matrices, run at the read columns only (_tail_only)
+        self.tail_names = last_layer_positionwise(model) if tail_only else []
 
     # -- building ---------------------------------------------------------------------------------------
     def _tok(self, text: str, special: bool) -> list[int]:
@@ -307,7 +376,35 @@ class Scorer:
             if p:                        # every query sees the whole shared prefix
                 allowed = torch.cat([torch.ones(len(rows), t, p, dtype=torch.bool), allowed], dim=2)
             allowed = allowed[:, None]
-        return _Batch(rows, ids, mask, pos, keep, allowed)
+        b = _Batch(rows, ids, mask, pos, keep, allowed)
+        self._plan_reads(b)
+        return b
+
+    def _plan_reads(self, b: _Batch) -> None:
+        """Which of the last ``keep`` columns are read, and every scored token's (row, column, target) as one
+        gather. A segment is one row's continuation or one choice of a packed row; the logits after a row's
+        (or a choice's) last token predict nothing that is scored, so those columns are never computed."""
+        k = b.keep
+        if self.single_token_choices is not None or not any(r.cont for r in b.rows):
+            b.read = [k - 1]                 # classification over one-token choices / a prompt-only batch
+            return
+        segments = []                        # (batch row, kept column read, target tokens)
+        for i, r in enumerate(b.rows):
+            off = k - len(r.ids)             # row index x sits in kept column off + x
+            if r.spans:
+                prompt_len = r.spans[0][0]
+                for start, n in r.spans:
+                    # token start+t is predicted at index start+t−1; the first at the last prompt token
+                    cols = [off + prompt_len - 1] + [off + start + t - 1 for t in range(1, n)]
+                    segments.append((i, cols, r.ids[start:start + n]))
+            else:
+                segments.append((i, list(range(k - 1 - len(r.cont), k - 1)), r.cont))
+        b.read = sorted({c for _, cols, _ in segments for c in cols})
+        where = {c: j for j, c in enumerate(b.read)}
+        b.seg_len = [len(cols) for _, cols, _ in segments]
+        b.gather = tuple(torch.tensor(x) for x in (
+            [i for i, cols, _ in segments for _ in cols], [where[c] for _, cols, _ in segments for c in cols],
+            [t for _, _, toks in segments for t in toks], [j for j, n in enumerate(b.seg_len) for _ in range(n)]))
 
     # -- forward ----------------------------------------------------------------------------------------
     def _device(self):
@@ -329,9 +426,15 @@ class Scorer:
             n = b.input_ids.shape[0]
             extra["past_key_values"] = DynamicCache(
                 [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix_kv], config=self.model.config)
-        out = self.model(input_ids=b.input_ids.to(dev), attention_mask=mask, position_ids=b.position_ids.to(dev),
-                         logits_to_keep=b.keep, use_cache=False, **extra)
-        logits = out.logits                                          # (B, keep, V)
+        t = b.input_ids.shape[1]
+        # the columns whose logits are read, as indices: the head then gets a contiguous (B, len(read), d) copy, which
+        # the same GEMM multiplies with or without grad (a [-k:] slice is a strided view that autograd multiplies
+        # with a batched GEMM, so the scan's logits would differ from an evaluation's in the last bits)
+        read = torch.tensor([t - b.keep + c for c in b.read], device=dev)
+        with _tail_only(self.model, self.tail_names, read):
+            out = self.model(input_ids=b.input_ids.to(dev), attention_mask=mask, position_ids=b.position_ids.to(dev),
+                             logits_to_keep=read, use_cache=False, **extra)
+        logits = out.logits                                          # (B, len(read), V)
         return logits if logits.dtype == torch.float64 else logits.float()
 
     def _row_stats(self, b: _Batch, logits: torch.Tensor):
@@ -340,26 +443,10 @@ class Scorer:
         if self.single_token_choices is not None:
             choice_lp = logp[:, -1, self.single_token_choices.to(logp.device)]    # (B, C)
             return None, None, None, choice_lp
-        # every scored token of the batch in one gather (one backward node, not one per row and choice);
-        # a segment is one row's continuation, or one choice of a packed row
-        k, dev = b.keep, logp.device
-        segments = []                            # (batch row, kept columns read, target tokens)
-        for i, r in enumerate(b.rows):
-            off = k - len(r.ids)                 # row index x sits in kept column off + x
-            if r.spans:
-                prompt_len = r.spans[0][0]
-                for start, n in r.spans:
-                    # token start+t is predicted at index start+t−1; the first at the last prompt token
-                    cols = [off + prompt_len - 1] + [off + start + t - 1 for t in range(1, n)]
-                    segments.append((i, cols, r.ids[start:start + n]))
-            else:
-                segments.append((i, list(range(k - 1 - len(r.cont), k - 1)), r.cont))
-        seg_len = [len(cols) for _, cols, _ in segments]
-        at_row = [i for i, cols, _ in segments for _ in cols]
-        at_col = [c for _, cols, _ in segments for c in cols]
-        tgt = [t for _, _, toks in segments for t in toks]
-        seg = [j for j, n in enumerate(seg_len) for _ in range(n)]
-        at_row, at_col, tgt, seg = (torch.tensor(x, device=dev) for x in (at_row, at_col, tgt, seg))
+        # every scored token of the batch in one gather (one backward node, not one per row and choice)
+        dev = logp.device
+        seg_len = b.seg_len
+        at_row, at_col, tgt, seg = (x.to(dev) for x in b.gather)
         seg_sum = torch.zeros(len(seg_len), dtype=logp.dtype, device=dev).index_add(0, seg, logp[at_row, at_col, tgt])
         packed = any(r.spans for r in b.rows)
         if not packed:                           # one segment per row: all-greedy flags too
@@ -447,10 +534,15 @@ class Scorer:
         return per
 
     def loss_batches(self, kind: str = "answer", cache: PrefixCache | None = None, start_layer: int = 0,
-                     only: set[int] | None = None):
+                     only: set[int] | None = None, capture: set[int] = frozenset(), record: list | None = None):
         """Yield one differentiable loss per batch (``only`` those batch indices), scaled so that their sum is
-        the mean loss over examples (call .backward() on each: one batch's graph is alive at a time)."""
-        for b, stats in self.run(cache, start_layer, grad=True, only=only):
+        the mean loss over examples (call .backward() on each: one batch's graph is alive at a time).
+        ``capture`` fills the prefix cache as :meth:`run` does; ``record`` collects each batch's detached row
+        stats, from which :meth:`metrics` gives what :meth:`evaluate` would (the scan's pass is then also the
+        base model's evaluation)."""
+        for b, stats in self.run(cache, start_layer, capture, grad=True, only=only):
+            if record is not None:
+                record.append((b, _detach(stats)))
             per = self._per_example([(b, stats)])
             yield self.loss(per, kind) * (len(per) / len(self.examples))
 
@@ -497,7 +589,11 @@ class Scorer:
                 self.halve_batches(e)
 
     def _evaluate(self, cache, start_layer, capture, generate) -> dict:
-        per_d = self._per_example(self.run(cache, start_layer, capture))
+        return self.metrics(self.run(cache, start_layer, capture), generate)
+
+    def metrics(self, stats_iter, generate: bool = True) -> dict:
+        """The evaluation dict from (batch, row stats) pairs covering every batch (:meth:`run`'s output)."""
+        per_d = self._per_example(stats_iter)
         per = [per_d[i] for i in range(len(self.examples))]
         res = {"n": len(self.examples), "log_loss": float(self.loss(per_d, "answer")),
                "majority": majority_baseline(self.examples)}

@@ -283,9 +283,11 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
          n_select=len(splits["select"]), n_test=len(splits["test"]), n_matrices=len(refs))
 
     sel = _scorer(lm, task, splits["select"], cfg)
+    # layer inputs kept for the search; the scan's forward fills it when it can (then it is the base evaluation)
+    cache = PrefixCache() if task.kind != "generation" and not cfg.dense_candidates else None
     t0 = time.perf_counter()
     sc = scan(sel, refs, list(cfg.rank_fractions), cfg.top_k, cfg.loss, cfg.score, cfg.progress,
-              checkpointing=cfg.gradient_checkpointing)
+              checkpointing=cfg.gradient_checkpointing, cache=cache)
     timings.update({"scan_gradient": sc.seconds["gradient"], "scan_svd": sc.seconds["svd"]})
     top = sc.top(cfg.top_k)
     _log(cfg, "[c2i] top matrices: " + ", ".join(f"{m.name} ({m.score:+.3f})" for m in top), "scan",
@@ -297,8 +299,8 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
     timings["candidates"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    cache = PrefixCache() if task.kind != "generation" and not cfg.dense_candidates else None
-    base_sel = sel.evaluate(cache, capture={m.layer for m in top} if cache is not None else set())
+    base_sel = sc.base if sc.base is not None else sel.evaluate(
+        cache, capture={m.layer for m in top} if cache is not None else set())
     timings["select_base"] = time.perf_counter() - t2
     journal = out / (JOURNAL if draw == 0 else f"journal.draw{draw}.jsonl")
     done = _read_journal(journal) if cfg.resume else {}

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .decompose import SVD, full_svd, rank_for, truncation_delta
 from .errors import C2IError
-from .evaluate import Scorer
+from .evaluate import PrefixCache, Scorer, decoder_layers
 from .models import MatrixRef
 
 SCORES = ("first_order", "grad_norm")
@@ -57,6 +57,7 @@ class ScanResult:
     score_kind: str
     seconds: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)   # matrix → why it was left out (NaN/Inf weight or gradient)
+    base: dict | None = None            # the base model's selection metrics, from the gradient pass's forward
 
     def top(self, k: int) -> list[MatrixScan]:
         return self.matrices[:k]
@@ -86,15 +87,24 @@ def _checkpointing(model, on: bool):
         model.gradient_checkpointing_disable()
 
 
+# Above this many bytes of layer outputs, the gradient pass does not keep every layer's input for the search
+# (a separate base-model pass then captures the top-K layers only).
+CAPTURE_ALL_BYTES = 4 << 30
+
+
 def gradients(scorer: Scorer, refs: list[MatrixRef], loss_kind: str = "answer", progress: bool = True,
-              checkpointing: bool = False) -> tuple[dict[str, torch.Tensor], float]:
+              checkpointing: bool = False, cache: PrefixCache | None = None,
+              record: list | None = None) -> tuple[dict[str, torch.Tensor], float]:
     """G = ∂L/∂W (in W's (out, in) layout, fp32) for each ref, from one pass over the scorer's batches.
-    ``checkpointing`` recomputes activations in the backward pass instead of storing them (big models)."""
+    ``checkpointing`` recomputes activations in the backward pass instead of storing them (big models).
+    With ``cache``, the forward also stores every layer's input in it, and ``record`` gets each batch's row
+    stats (see :meth:`Scorer.loss_batches`)."""
     with _checkpointing(scorer.model, checkpointing):
-        return _gradients(scorer, refs, loss_kind, progress)
+        return _gradients(scorer, refs, loss_kind, progress, cache, record)
 
 
-def _gradients(scorer: Scorer, refs: list[MatrixRef], loss_kind: str, progress: bool):
+def _gradients(scorer: Scorer, refs: list[MatrixRef], loss_kind: str, progress: bool,
+               cache: PrefixCache | None = None, record: list | None = None):
     model = scorer.model
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -107,12 +117,15 @@ def _gradients(scorer: Scorer, refs: list[MatrixRef], loss_kind: str, progress: 
             total = 0.0
             for r in refs:
                 r.param.grad = None
+            capture = set(range(1, len(decoder_layers(model)))) if cache is not None else set()
+            if record is not None:
+                record.clear()
             try:
                 if distributed.size() > 1:
                     grads, total = _gradients_sharded(scorer, refs, loss_kind, progress)
                     break
-                for loss in tqdm(scorer.loss_batches(loss_kind), total=len(scorer.batches), desc="gradient scan",
-                                 disable=not progress, leave=False):
+                for loss in tqdm(scorer.loss_batches(loss_kind, cache, capture=capture, record=record),
+                                 total=len(scorer.batches), desc="gradient scan", disable=not progress, leave=False):
                     if not torch.isfinite(loss):
                         raise C2IError(f"the {loss_kind} loss is not finite on the selection sample")
                     loss.backward()
@@ -158,16 +171,37 @@ def _gradients_sharded(scorer: Scorer, refs: list[MatrixRef], loss_kind: str, pr
     return grads, total
 
 
+def _keeps_every_layer(scorer: Scorer, cache: PrefixCache | None, checkpointing: bool) -> bool:
+    """Can the gradient pass double as the base model's evaluation, keeping every layer's input? Its forward
+    already holds those tensors for the backward pass; not with checkpointing (it would add them), sharding
+    (each rank sees some batches), generation (scored by greedy decoding) or when they are too big."""
+    if cache is None or checkpointing or distributed.size() > 1 or scorer.kind == "generation":
+        return False
+    p = next(scorer.model.parameters())
+    hidden = getattr(getattr(scorer.model, "config", None), "hidden_size", None)
+    if not hidden:
+        return False
+    tokens = sum(b.input_ids.numel() for b in scorer.batches) + len(scorer.prefix_ids)
+    return len(decoder_layers(scorer.model)) * tokens * hidden * p.element_size() <= CAPTURE_ALL_BYTES
+
+
 def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top_k: int,
          loss_kind: str = "answer", score: str = "first_order", progress: bool = True,
-         checkpointing: bool = False) -> ScanResult:
-    """Gradient pass + SVDs; returns every matrix scored and the top-K with their SVD and G kept."""
+         checkpointing: bool = False, cache: PrefixCache | None = None) -> ScanResult:
+    """Gradient pass + SVDs; returns every matrix scored and the top-K with their SVD and G kept.
+
+    With a ``cache`` (and where :func:`_keeps_every_layer` allows), the gradient pass's forward is also the base
+    model's selection evaluation: ``ScanResult.base`` holds its metrics and ``cache`` the inputs of the top-K
+    matrices' layers, as ``scorer.evaluate(cache, capture=…)`` would leave them, for one forward pass less."""
     if score not in SCORES:
         raise C2IError(f"--score {score!r}: choose one of {', '.join(SCORES)}")
     if top_k < 1:
         raise C2IError(f"--top-k must be ≥ 1, got {top_k}")
     t0 = time.perf_counter()
-    grads, loss = gradients(scorer, refs, loss_kind, progress, checkpointing)
+    keep_all = _keeps_every_layer(scorer, cache, checkpointing)
+    record = [] if keep_all else None
+    grads, loss = gradients(scorer, refs, loss_kind, progress, checkpointing, cache if keep_all else None, record)
+    base = scorer.metrics(record, generate=False) if keep_all else None
     t1 = time.perf_counter()
     scans, svds, skipped = [], {}, {}
     shard = set(distributed.mine(len(refs)))            # all of them in a single process
@@ -202,7 +236,10 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
     for ms in scans[:top_k]:
         ms.svd = svds.get(ms.name) or full_svd(by_name[ms.name].weight(), name=ms.name)
         ms.grad = grads[ms.name]
+    if keep_all:                     # the search replays the top-K layers only: free the others
+        layers = {ms.layer for ms in scans[:top_k]}
+        cache.store = {k: v for k, v in cache.store.items() if k[1] in layers}
     t2 = time.perf_counter()
     if not scans:
         raise C2IError("no matrix could be scanned: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-    return ScanResult(scans, loss, loss_kind, score, {"gradient": t1 - t0, "svd": t2 - t1}, skipped)
+    return ScanResult(scans, loss, loss_kind, score, {"gradient": t1 - t0, "svd": t2 - t1}, skipped, base)

@@ -36,7 +36,9 @@ class ScriptedLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, use_cache=False):
         out = self.table[input_ids] + 0 * self.w
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):      # the columns to keep (transformers' protocol)
+            out = out[:, logits_to_keep]
+        elif logits_to_keep:
             out = out[:, -logits_to_keep:]
         return type("O", (), {"logits": out})()
 

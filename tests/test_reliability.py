@@ -95,7 +95,9 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_numbers(smollm2, data
         assert abs(again["log_loss"] - want["log_loss"]) < 1e-5
         g_got, _ = gradients(Scorer(model, smollm2.tokenizer, rows, task.kind), refs, progress=False)
         name = refs[0].name
-        assert torch.allclose(g_got[name], g_want[name], rtol=1e-4, atol=1e-7)
+        a, b = g_got[name], g_want[name]   # other batches: the same sums in another order (~1e-5 relative)
+        assert float((a - b).norm() / b.norm()) < 1e-4
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
     finally:
         del model.forward
 

@@ -88,8 +88,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(smollm2, fever_rows):
     ckpt, l2 = gradients(scorer, refs, progress=False, checkpointing=True)
     assert not smollm2.model.training and not getattr(smollm2.model, "is_activation_checkpointing", False)
     assert abs(l1 - l2) < 1e-6
-    for r in refs:
-        assert torch.allclose(plain[r.name], ckpt[r.name], rtol=1e-4, atol=1e-8)
+    for r in refs:   # the plain pass runs the last layer's MLP at the scored columns only: sums differ in order
+        a, b = plain[r.name], ckpt[r.name]
+        assert float((a - b).norm() / b.norm()) < 1e-5
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
 def test_bf16_model_scans_with_fp32_svd_and_gradients(smollm2, fever_rows):
