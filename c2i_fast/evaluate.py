@@ -216,17 +216,19 @@ def _tail_only(model: nn.Module, names: list[str], read: torch.Tensor):
 
     def gather(m, args):
         x = args[0]
-        m._c2i_full = x.shape[1] if x.dim() == 3 else None
-        if m._c2i_full is None or m._c2i_full == len(read):
-            m._c2i_full = None
+        m._c2i_tail = None
+        if x.dim() != 3 or x.shape[1] == len(read):
             return None
-        return (x.index_select(1, read),) + tuple(args[1:])
+        idx = read.to(x.device)          # the last layer may sit on another device (accelerate device maps)
+        m._c2i_tail = (x.shape[1], idx)
+        return (x.index_select(1, idx),) + tuple(args[1:])
 
     def scatter(m, _args, out):
-        t, m._c2i_full = m._c2i_full, None
-        if t is None:
+        tail, m._c2i_tail = m._c2i_tail, None
+        if tail is None:
             return None
-        return out.new_zeros(out.shape[0], t, out.shape[2]).index_copy(1, read, out)
+        t, idx = tail
+        return out.new_zeros(out.shape[0], t, out.shape[2]).index_copy(1, idx, out)
 
     try:
         for n in names:
@@ -430,7 +432,7 @@ class Scorer:
         # the columns whose logits are read, as indices: the head then gets a contiguous (B, len(read), d) copy, which
         # the same GEMM multiplies with or without grad (a [-k:] slice is a strided view that autograd multiplies
         # with a batched GEMM, so the scan's logits would differ from an evaluation's in the last bits)
-        read = torch.tensor([t - b.keep + c for c in b.read], device=dev)
+        read = torch.tensor([t - b.keep + c for c in b.read])     # on the CPU: indexes the head's input wherever it is
         with _tail_only(self.model, self.tail_names, read):
             out = self.model(input_ids=b.input_ids.to(dev), attention_mask=mask, position_ids=b.position_ids.to(dev),
                              logits_to_keep=read, use_cache=False, **extra)
