@@ -175,8 +175,7 @@ class LaserCodePath(Scorer):
         out = self.model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev),
                          position_ids=b.position_ids.to(dev), use_cache=False)
         logp = torch.log_softmax(out.logits.float(), dim=-1)           # (B, T, V), as LASER's code
-        t = b.input_ids.shape[1]
-        return logp[:, [t - b.keep + c for c in b.read]]               # the columns the metrics read
+        return logp[:, self.read_columns(b)]                           # the columns the metrics read
 
 
 def _laser_faithful(args, layers=None) -> dict:

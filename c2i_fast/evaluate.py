@@ -111,12 +111,17 @@ class PrefixCache:
         self.store.clear()
 
 
+def _is_decoder_causal_lm(model: nn.Module) -> bool:
+    """A decoder-only ``*ForCausalLM`` (its head reads each column's last hidden state alone)."""
+    cfg = getattr(model, "config", None)
+    return cfg is not None and type(model).__name__.endswith("ForCausalLM") and not cfg.is_encoder_decoder
+
+
 def supports_shared_prefix(model: nn.Module) -> bool:
     """Decoder-only causal LM, full attention in every layer (a sliding window would need its own mask)."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or not type(model).__name__.endswith("ForCausalLM") or cfg.is_encoder_decoder:
+    if not _is_decoder_causal_lm(model):
         return False
-    text = cfg.get_text_config(decoder=True)
+    text = model.config.get_text_config(decoder=True)
     if getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None):
         return False
     return all(t == "full_attention" for t in (getattr(text, "layer_types", None) or ["full_attention"]))
@@ -188,8 +193,7 @@ def last_layer_positionwise(model: nn.Module) -> list[str]:
     needed at the columns whose logits are read, nothing else. Keys/values (and fused QKV) feed every later
     column, so they stay whole. Empty for anything that is not a decoder-only ``*ForCausalLM``."""
     from .models import target_matrices
-    cfg = getattr(model, "config", None)
-    if cfg is None or not type(model).__name__.endswith("ForCausalLM") or cfg.is_encoder_decoder:
+    if not _is_decoder_causal_lm(model):
         return []
     try:
         refs = target_matrices(model)
@@ -428,16 +432,22 @@ class Scorer:
             n = b.input_ids.shape[0]
             extra["past_key_values"] = DynamicCache(
                 [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix_kv], config=self.model.config)
-        t = b.input_ids.shape[1]
-        # the columns whose logits are read, as indices: the head then gets a contiguous (B, len(read), d) copy, which
-        # the same GEMM multiplies with or without grad (a [-k:] slice is a strided view that autograd multiplies
-        # with a batched GEMM, so the scan's logits would differ from an evaluation's in the last bits)
-        read = torch.tensor([t - b.keep + c for c in b.read])     # on the CPU: indexes the head's input wherever it is
+        # as indices: the head then gets a contiguous (B, len(read), d) copy, which the same GEMM multiplies with or
+        # without grad (a [-k:] slice is a strided view that autograd multiplies with a batched GEMM, so the
+        # scan's logits would differ from an evaluation's in the last bits)
+        read = self.read_columns(b)
         with _tail_only(self.model, self.tail_names, read):
             out = self.model(input_ids=b.input_ids.to(dev), attention_mask=mask, position_ids=b.position_ids.to(dev),
                              logits_to_keep=read, use_cache=False, **extra)
         logits = out.logits                                          # (B, len(read), V)
         return logits if logits.dtype == torch.float64 else logits.float()
+
+    @staticmethod
+    def read_columns(b: _Batch) -> torch.Tensor:
+        """(len(read),) indices, in the batch's T columns, of the columns whose logits are read; on the CPU, so
+        they index the head's input wherever it is."""
+        t = b.input_ids.shape[1]
+        return torch.tensor([t - b.keep + c for c in b.read])
 
     def _row_stats(self, b: _Batch, logits: torch.Tensor):
         """Per row: summed log-prob of the continuation, its length, all-greedy flag, choice log-probs."""

@@ -112,12 +112,12 @@ def _gradients(scorer: Scorer, refs: list[MatrixRef], loss_kind: str, progress: 
     for r in refs:
         r.param.grad = None
         r.param.requires_grad_(True)
+    capture = set(range(1, len(decoder_layers(model)))) if cache is not None else set()
     try:
         while True:      # out of memory on a batch: halve the batches, start the pass again
             total = 0.0
             for r in refs:
                 r.param.grad = None
-            capture = set(range(1, len(decoder_layers(model)))) if cache is not None else set()
             if record is not None:
                 record.clear()
             try:
