@@ -165,7 +165,8 @@ class LaserCodePath(Scorer):
     log-loss are unchanged; only the cost is LASER's)."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **{**kwargs, "share_prefix": False})     # LASER runs every row whole
+        # LASER runs every row whole: no shared prefix, and the answer's last token is fed too
+        super().__init__(*args, **{**kwargs, "share_prefix": False, "trim": False})
 
     def _build_batches(self):
         return [self._pad([r]) for r in self.rows]

@@ -9,11 +9,15 @@ Row layout (one row = one token sequence fed to the model)::
 
     kind            rows per example        continuation scored       logits read at
     classification  1 (all choices 1 token) none                      last position, over the choice ids
-                    1 (multi-token choices, every choice, packed  the last Σ len(c)+1 positions
-                       packed: the default)   after one shared prompt
-                    C (multi-token, unpacked) choice c                the last len(c)+1 positions
-    recall          1                       gold answer               the last len(answer)+1 positions
-    generation      1 (+ greedy generation) gold answer (log-loss)    the last len(answer)+1 positions
+                    1 (multi-token choices, every choice, packed  the last prompt token and every
+                       packed: the default)   after one shared prompt  choice token but its last
+                    C (multi-token, unpacked) choice c                the last len(c) positions
+    recall          1                       gold answer               the last len(answer) positions
+    generation      1 (+ greedy generation) gold answer (log-loss)    the last len(answer) positions
+
+Trimmed rows (the default): a continuation's (every packed choice's) LAST token is not fed at all. Its logits
+would predict past the scored text, and under the causal mask no read position sees it, so every read logit is
+unchanged and each row is one column (a packed row one per choice) shorter in every layer.
 
 Packed choices: the prompt is run once and every choice follows it in the same row,
 ``prompt | c₀ | c₁ | …``, with a 4D attention mask in which a choice's tokens see the prompt and their own
@@ -22,7 +26,9 @@ exactly as in its own row (same logits up to float round-off), for the cost of o
 
 A :class:`PrefixCache` remembers, per batch, the output of the decoder layer just below a given layer ℓ. A
 candidate that only changes matrices in layers ≥ ℓ is then scored by running layers ≥ ℓ alone: layers < ℓ
-are swapped for stubs that replay the cached output (gpt-fast-style module swap, undone afterwards).
+are swapped for stubs that replay the cached output (gpt-fast-style module swap, undone afterwards). Inside
+layer ℓ itself, whatever runs before the edited matrix (for an MLP down-projection: the attention block and the
+gate / up projections) is replayed the same way from the first candidate at that matrix on (:func:`_within`).
 
 Shared prompt prefix: when every row starts with the same tokens (a task instruction, few-shot examples), those
 tokens are run once per pass as a one-row batch and their keys/values are handed to every batch through the
@@ -57,9 +63,23 @@ PREFIX = "prefix"            # PrefixCache key of the shared prefix's own entrie
 class _Row:
     example: int          # index into examples
     choice: int           # choice index, or -1 for the gold target / prompt-only row
-    ids: list[int]        # prompt + continuation token ids
-    cont: list[int]       # continuation token ids (scored), may be empty
-    spans: list[tuple[int, int]] | None = None   # packed choices: (start index in ids, length) per choice
+    ids: list[int]        # token ids fed to the model: prompt + continuation (each choice's when packed)
+    cont: list[int]       # continuation token ids (scored), may be empty; packed: every choice's, in order
+    spans: list[tuple[int, int]] | None = None   # packed choices: (start index in ids, scored tokens) per choice
+    trimmed: bool = False   # each continuation's / choice's last token is left out of ``ids`` (see _trim)
+
+    @property
+    def first_read(self) -> int:
+        """Index in ``ids`` of the first token whose logits are read (the last prompt token)."""
+        if self.spans:
+            return self.spans[0][0] - 1
+        if self.cont:
+            return len(self.ids) - len(self.cont) - (0 if self.trimmed else 1)
+        return len(self.ids) - 1
+
+    def width(self, n: int) -> int:
+        """Columns in ``ids`` of a continuation of n scored tokens."""
+        return n - 1 if self.trimmed else n
 
 
 @dataclass
@@ -76,6 +96,22 @@ class _Batch:
     seg_len: list[int] | None = None      # scored tokens per segment (a row's continuation or one choice)
 
 
+def _trim(r: _Row) -> _Row:
+    """The row without its dead tokens. A continuation's (a packed choice's) last token predicts nothing that is
+    scored, and under the causal mask no read position sees it (a packed choice's tokens are seen by its own
+    later tokens only), so leaving it out changes no read logit and saves a column in every layer."""
+    if not r.cont or r.trimmed:
+        return r
+    if not r.spans:
+        return _Row(r.example, r.choice, r.ids[:-1], r.cont, None, True)
+    prompt_len = r.spans[0][0]
+    ids, spans = r.ids[:prompt_len], []
+    for start, n in r.spans:
+        spans.append((len(ids), n))
+        ids += r.ids[start:start + n - 1]
+    return _Row(r.example, r.choice, ids, r.cont, spans, True)
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of transformer blocks (model.layers, transformer.h, gpt_neox.layers, encoder.layer)."""
     from .models import target_matrices
@@ -85,7 +121,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 class _Replay(nn.Module):
-    """Stands in for a decoder layer below ℓ: returns the cached output of layer ℓ−1 for this batch."""
+    """Stands in for a decoder layer below ℓ (returns the cached output of layer ℓ−1 for this batch), or for a
+    module of layer ℓ that runs before the edited matrix (returns its cached output, :func:`_within`)."""
 
     def __init__(self, original: nn.Module, output):
         super().__init__()
@@ -106,9 +143,11 @@ class PrefixCache:
     def __init__(self):
         self.store: dict[tuple[int, int], object] = {}
         self.epoch = 0          # the Scorer batch layout it was captured for (batches change after an OOM)
+        self.within_bytes = 0   # held by _within's entries {(batch, "module path"): output}
 
     def clear(self):
         self.store.clear()
+        self.within_bytes = 0
 
 
 def _is_decoder_causal_lm(model: nn.Module) -> bool:
@@ -128,10 +167,10 @@ def supports_shared_prefix(model: nn.Module) -> bool:
 
 
 def shared_prefix_length(rows: list[_Row]) -> int:
-    """Tokens every row starts with, stopping before any row's first scored position (the logits read for a
-    row's continuation come from its last ``len(cont) + 1`` tokens, which must stay in the batch)."""
+    """Tokens every row starts with, stopping before any row's first read position (the logits read for a
+    row's continuation come from its last prompt token on, which must stay in the batch)."""
     first = rows[0].ids
-    n = min(len(r.ids) - len(r.cont) - 1 for r in rows)
+    n = min(r.first_read for r in rows)
     for r in rows[1:]:
         i = 0
         while i < n and r.ids[i] == first[i]:
@@ -182,6 +221,98 @@ def _replay(model, cache: PrefixCache | None, batch_index: int, start_layer: int
     finally:
         for i in range(start_layer):
             blocks[i] = saved[i]
+
+
+WITHIN_BYTES = 2 << 30      # _within keeps at most this much of module outputs
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(_nbytes(o) for o in obj)
+    return 0
+
+
+def _layer_root(matrix: str) -> str:
+    """The decoder layer's path in a matrix's path (as :func:`decoder_layers` finds the layers)."""
+    return re.match(r"^(.*?\.\d+)\.", matrix).group(1)
+
+
+def _runs_before(events: list[tuple[str, str]], matrix: str, inside: set[str]) -> list[str]:
+    """Paths of the biggest modules of one layer's forward that finish before ``matrix`` starts, each called
+    once and holding a weight matrix (``events``: ("pre" | "post", path) in call order, paths in ``inside``)."""
+    start = events.index(("pre", matrix))
+    calls: dict[str, int] = {}
+    for kind, path in events:
+        calls[path] = calls.get(path, 0) + (kind == "pre")
+    done = [path for kind, path in events[:start] if kind == "post" and calls[path] == 1
+            and not matrix.startswith(path + ".") and path in inside]
+    return [p for p in done if not any(p.startswith(q + ".") for q in done)]
+
+
+@contextmanager
+def _within(model: nn.Module, cache: PrefixCache | None, batch_index, matrix: str | None):
+    """Within the edited matrix's own layer ℓ, replay what runs before it. Layer ℓ's input is the base model's,
+    so every module that finishes before ``matrix`` starts (for an MLP's down-projection: the whole attention
+    block and the gate / up projections) computes what it computed for the base model: its output, captured
+    on a candidate's first pass, is replayed on the next candidate's (one edit, not the last layer, whose
+    tail-only hooks gather columns). Exact: the same tensors, not recomputed ones."""
+    if cache is None or matrix is None or batch_index == PREFIX:
+        yield
+        return
+    plan = cache.store.get(("within", matrix))
+    handles, seen, events = [], {}, []
+
+    def keep(path):
+        def hook(_m, _args, out):
+            events.append(("post", path))
+            seen[path] = out
+        return hook
+
+    def start(path):
+        def hook(_m, _args):
+            events.append(("pre", path))
+        return hook
+    inside = set(plan or ())
+    if plan is None:                  # learn the call order on this pass, capture what may be replayed
+        root = _layer_root(matrix)
+        for n, m in model.get_submodule(root).named_modules():
+            if not n:
+                continue
+            path = f"{root}.{n}"
+            handles.append(m.register_forward_pre_hook(start(path)))
+            if path != matrix:        # the candidate itself: its start is all we need
+                handles.append(m.register_forward_hook(keep(path)))
+                if any(p.dim() >= 2 for p in m.parameters()):
+                    inside.add(path)
+    stubs = []
+    if plan is not None and all((batch_index, p) in cache.store for p in plan):
+        for p in plan:
+            parent, name = p.rsplit(".", 1)
+            owner = model.get_submodule(parent)
+            original = getattr(owner, name)
+            setattr(owner, name, _Replay(original, cache.store[(batch_index, p)]))
+            stubs.append((owner, name, original))
+    elif plan is not None:
+        for p in plan:
+            handles.append(model.get_submodule(p).register_forward_hook(keep(p)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for owner, name, original in stubs:
+            setattr(owner, name, original)
+    if plan is None and ("pre", matrix) in events:
+        plan = _runs_before(events, matrix, inside)
+        cache.store[("within", matrix)] = plan
+    for p in plan or []:
+        if not stubs and p in seen and (batch_index, p) not in cache.store:
+            out = _detach(seen[p])
+            if cache.within_bytes + _nbytes(out) <= WITHIN_BYTES:
+                cache.store[(batch_index, p)] = out
+                cache.within_bytes += _nbytes(out)
 
 
 POSITIONWISE = ("q", "o", "mlp_in", "mlp_up", "mlp_out")    # a column's output feeds that column only
@@ -254,7 +385,7 @@ class Scorer:
     def __init__(self, model: nn.Module, tokenizer, examples: list[Example], kind: str,
                  batch_tokens: int = 4096, scoring: str = "mean", max_new_tokens: int = 10,
                  pack_choices: bool = True, share_prefix: bool = True, batch_overhead: int | None = None,
-                 tail_only: bool = True):
+                 tail_only: bool = True, trim: bool = True):
         if not examples:
             raise C2IError("no examples to score")
         if scoring not in ("sum", "mean"):
@@ -270,6 +401,8 @@ class Scorer:
             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
         self.single_token_choices: torch.Tensor | None = None
         self.rows = self._build_rows()
+        if trim:                                   # no column for a continuation's last token (_trim)
+            self.rows = [_trim(r) for r in self.rows]
         self.prefix_ids: list[int] = []           # shared prompt prefix, run once per pass (module docstring)
         if share_prefix and supports_shared_prefix(model):
             p = shared_prefix_length(self.rows)
@@ -360,7 +493,7 @@ class Scorer:
             ids[i, t - len(r.ids):] = torch.tensor(r.ids)
             mask[i, t - len(r.ids):] = 1
         pos = (mask.cumsum(1) - 1).clamp(min=0) + p
-        keep = max(len(r.cont) for r in rows) + 1
+        keep = max(len(r.ids) - r.first_read for r in rows)
         allowed = None
         if p or any(r.spans for r in rows):
             # segment id per column: -1 padding, 0 prompt, j+1 choice j; a query sees earlier keys of the
@@ -373,8 +506,9 @@ class Scorer:
                     continue
                 prompt_len = r.spans[0][0]
                 for j, (start, n) in enumerate(r.spans):
-                    seg[i, off + start:off + start + n] = j + 1
-                    pos[i, off + start:off + start + n] = torch.arange(p + prompt_len, p + prompt_len + n)
+                    w = r.width(n)
+                    seg[i, off + start:off + start + w] = j + 1
+                    pos[i, off + start:off + start + w] = torch.arange(p + prompt_len, p + prompt_len + w)
             q, k = seg[:, :, None], seg[:, None, :]
             causal = torch.ones(t, t, dtype=torch.bool).tril()
             allowed = causal & (k >= 0) & ((k == 0) | (k == q))
@@ -389,7 +523,8 @@ class Scorer:
     def _plan_reads(self, b: _Batch) -> None:
         """Which of the last ``keep`` columns are read, and every scored token's (row, column, target) as one
         gather. A segment is one row's continuation or one choice of a packed row; the logits after a row's
-        (or a choice's) last token predict nothing that is scored, so those columns are never computed."""
+        (or a choice's) last token predict nothing that is scored, so those columns are never computed (and with
+        trimmed rows, the default, that token is not in the batch at all)."""
         k = b.keep
         if self.single_token_choices is not None or not any(r.cont for r in b.rows):
             b.read = [k - 1]                 # classification over one-token choices / a prompt-only batch
@@ -398,13 +533,15 @@ class Scorer:
         for i, r in enumerate(b.rows):
             off = k - len(r.ids)             # row index x sits in kept column off + x
             if r.spans:
-                prompt_len = r.spans[0][0]
+                prompt_len, o = r.spans[0][0], 0
                 for start, n in r.spans:
                     # token start+t is predicted at index start+t−1; the first at the last prompt token
                     cols = [off + prompt_len - 1] + [off + start + t - 1 for t in range(1, n)]
-                    segments.append((i, cols, r.ids[start:start + n]))
+                    segments.append((i, cols, r.cont[o:o + n]))
+                    o += n
             else:
-                segments.append((i, list(range(k - 1 - len(r.cont), k - 1)), r.cont))
+                f = off + r.first_read
+                segments.append((i, list(range(f, f + len(r.cont))), r.cont))
         b.read = sorted({c for _, cols, _ in segments for c in cols})
         where = {c: j for j, c in enumerate(b.read)}
         b.seg_len = [len(cols) for _, cols, _ in segments]
@@ -494,13 +631,16 @@ class Scorer:
         return layers
 
     def run(self, cache: PrefixCache | None = None, start_layer: int = 0, capture: set[int] = frozenset(),
-            grad: bool = False, only: set[int] | None = None):
+            grad: bool = False, only: set[int] | None = None, within: str | None = None):
         """Yield (batch, row stats) for each batch; reuse/capture the prefix cache as asked.
 
         A cache captured for another batch layout (before an out-of-memory split) is dropped; a batch whose
-        cache entry is missing runs from layer 0 and captures it; without a cache every pass runs from layer 0."""
+        cache entry is missing runs from layer 0 and captures it; without a cache every pass runs from layer 0.
+        ``within``: the one edited matrix, whose layer replays what runs before it (:func:`_within`)."""
         if cache is None:
             start_layer = 0
+        if within is not None and (grad or any(_layer_root(n) == _layer_root(within) for n in self.tail_names)):
+            within = None        # the last layer's tail-only hooks gather columns of the modules it would replay
         if cache is not None and cache.epoch != self.epoch:
             cache.clear()
             cache.epoch = self.epoch
@@ -518,7 +658,8 @@ class Scorer:
             with torch.set_grad_enabled(grad):
                 if self.prefix_ids and (kv is None or grad):     # with grad: each batch's graph is freed
                     kv = self._prefix_kv(cache, start_layer, capture)
-                with _replay(self.model, cache, bi, start_layer), _capture(self.model, cache, bi, set(capture)):
+                with _replay(self.model, cache, bi, start_layer), _capture(self.model, cache, bi, set(capture)), \
+                        _within(self.model, cache, bi, within):
                     logits = self._logits(b, kv)
             yield b, self._row_stats(b, logits)
 
@@ -591,17 +732,17 @@ class Scorer:
         print(f"c2i: out of memory; retrying with --batch-tokens {self.batch_tokens}", file=sys.stderr)
 
     def evaluate(self, cache: PrefixCache | None = None, start_layer: int = 0,
-                 capture: set[int] = frozenset(), generate: bool = True) -> dict:
+                 capture: set[int] = frozenset(), generate: bool = True, within: str | None = None) -> dict:
         """Accuracy (primary scoring + both variants), log-loss, choice-loss, majority baseline.
         Out of memory on a batch halves the batches and retries."""
         while True:
             try:
-                return self._evaluate(cache, start_layer, capture, generate)
+                return self._evaluate(cache, start_layer, capture, generate, within)
             except torch.OutOfMemoryError as e:
                 self.halve_batches(e)
 
-    def _evaluate(self, cache, start_layer, capture, generate) -> dict:
-        return self.metrics(self.run(cache, start_layer, capture), generate)
+    def _evaluate(self, cache, start_layer, capture, generate, within=None) -> dict:
+        return self.metrics(self.run(cache, start_layer, capture, within=within), generate)
 
     def metrics(self, stats_iter, generate: bool = True) -> dict:
         """The evaluation dict from (batch, row stats) pairs covering every batch (:meth:`run`'s output)."""

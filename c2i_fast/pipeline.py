@@ -201,7 +201,7 @@ def _held_out(lm, task, test, cfg, plan_cands: list[Candidate], timings: dict) -
     if not plan_cands:
         return base, base
     t1 = time.perf_counter()
-    adapted = evaluate_candidate(sc, plan_cands[-1], cache, applied=plan_cands[:-1])
+    adapted = evaluate_candidate(sc, plan_cands[-1], cache, applied=plan_cands[:-1], within=False)   # one pass
     timings["test_adapted"] = time.perf_counter() - t1
     return base, adapted
 

@@ -91,8 +91,10 @@ def _factors(c: Candidate):
 
 
 def evaluate_candidate(scorer: Scorer, c: Candidate, cache: PrefixCache | None, applied: list[Candidate] = (),
-                       dense: bool = False) -> dict:
-    """Swap in the candidate (on top of ``applied``), score it from its lowest edited layer, swap back.
+                       dense: bool = False, within: bool = True) -> dict:
+    """Swap in the candidate (on top of ``applied``), score it from its lowest edited layer, swap back. A lone
+    edit (``within``) also replays what runs before it in its own layer, captured on the first candidate at
+    that matrix (:func:`c2i_fast.evaluate._within`).
 
     ``dense=True`` is the paper-faithful/LASER way, kept for the speed bench: rebuild Ŵ dense, write it into
     the weight in place and run a full forward (no factored modules, no prefix cache).
@@ -105,7 +107,8 @@ def evaluate_candidate(scorer: Scorer, c: Candidate, cache: PrefixCache | None, 
     factorize_(model, [a.edit for a in todo], factors={a.edit.matrix: _factors(a) for a in todo})
     try:
         # Scorer.run falls back to a full pass (capturing the layer) when the cache has no entry for it.
-        return scorer.evaluate(cache, start_layer=min(a.layer for a in todo))
+        return scorer.evaluate(cache, start_layer=min(a.layer for a in todo),
+                               within=c.edit.matrix if within and not extra else None)
     finally:
         restore_(model, [a.edit.matrix for a in todo])
 

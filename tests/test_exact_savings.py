@@ -1,6 +1,7 @@
 """Work the scorer skips must not change a single score, on the real SmolLM2:
 
 * logits only at the columns that are read (not a row's or a choice's last token, which predicts nothing scored);
+* that last token left out of the batch altogether (trimmed rows);
 * the last layer's query / attention-output / MLP matrices at those columns only (``tail_only``);
 * the gradient scan's forward doubling as the base model's selection evaluation and prefix-cache capture.
 """
@@ -33,20 +34,41 @@ def _assert_same(ra, rb, rel=1e-6):
 
 def test_read_columns_skip_each_last_token(smollm2, data_dir):
     """Packed choices: the last prompt token + every choice token but its last; recall: the answer's
-    predictors; a one-token-choice task reads the last column only."""
+    predictors; a one-token-choice task reads the last column only. Untrimmed rows still hold each last token
+    (never read); trimmed rows (the default) leave it out, so every kept column is read."""
     for name, n_read in [("bigbench_epistemic_reasoning", None), ("counterfact", None), ("fever", 1)]:
         task, rows = _rows(smollm2, data_dir, name, 12)
-        sc = Scorer(smollm2.model, smollm2.tokenizer, rows, task.kind, batch_tokens=300)
-        for b in sc.batches:
-            if n_read is not None:
-                assert b.read == [b.keep - 1]
-                continue
-            assert b.keep - 1 not in b.read and len(b.read) < b.keep
-            if any(r.spans for r in b.rows):
-                r = b.rows[0]
-                assert len(b.read) == 1 + sum(n - 1 for _, n in r.spans)
-            else:
-                assert b.read == list(range(b.keep - 1 - max(len(r.cont) for r in b.rows), b.keep - 1))
+        for trim in (False, True):
+            sc = Scorer(smollm2.model, smollm2.tokenizer, rows, task.kind, batch_tokens=300, trim=trim)
+            for b in sc.batches:
+                if n_read is not None:
+                    assert b.read == [b.keep - 1]
+                    continue
+                if trim:
+                    assert b.read == list(range(b.keep))
+                else:
+                    assert b.keep - 1 not in b.read and len(b.read) < b.keep
+                if any(r.spans for r in b.rows):
+                    r = b.rows[0]
+                    assert len(b.read) == 1 + sum(n - 1 for _, n in r.spans)
+                else:
+                    n = max(len(r.cont) for r in b.rows)
+                    assert b.read == list(range(b.keep - 1 - n + trim, b.keep - 1 + trim))
+
+
+@pytest.mark.parametrize("name", TASKS)
+@pytest.mark.parametrize("pack", [True, False])
+def test_trimmed_rows_score_as_whole_rows(smollm2, data_dir, name, pack):
+    """Leaving out each continuation's / choice's last token changes no score (same logits up to float
+    round-off: the GEMMs see other shapes) and removes one column per continuation or choice."""
+    task, rows = _rows(smollm2, data_dir, name, 12)
+    whole, trimmed = (Scorer(smollm2.model, smollm2.tokenizer, rows, task.kind, batch_tokens=300, trim=t,
+                             pack_choices=pack) for t in (False, True))
+    dropped = sum(len(r.spans) if r.spans else 1 for r in whole.rows if r.cont)
+    assert sum(len(r.ids) for r in trimmed.rows) == sum(len(r.ids) for r in whole.rows) - dropped
+    assert (dropped > 0) == (name != "fever")          # FEVER's labels are one token: nothing to trim
+    with torch.no_grad():
+        _assert_same(whole.evaluate(generate=False), trimmed.evaluate(generate=False), rel=1e-5)
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -183,3 +205,76 @@ def test_scan_base_with_shared_prefix(smollm2, data_dir):
         finally:
             w.copy_(orig)
     _assert_same(whole, replay, rel=1e-5)
+
+
+def _candidates(model, layer, types, ks=(1, 2)):
+    from c2i_fast.decompose import full_svd
+    from c2i_fast.scan import MatrixScan
+    refs = {r.name: r for r in target_matrices(model)}
+    scans = []
+    for t in types:
+        name = f"model.layers.{layer}.{t}"
+        svd = full_svd(refs[name].weight())
+        m, n = svd.shape
+        scans.append(MatrixScan(name, layer, refs[name].type, (m, n), torch.zeros(min(m, n)), {0.1: 0.0}, 0.0,
+                                svd, torch.zeros(m, n)))
+    return build_candidates(scans, refs, (0.1,), ks, ("block",), progress=False)
+
+
+@pytest.mark.parametrize("name", ["bigbench_epistemic_reasoning", "counterfact"])
+def test_within_layer_replay_scores_as_recomputing(smollm2, data_dir, name):
+    """A lone candidate's own layer replays what runs before its matrix (captured on the first candidate at
+    that matrix): the same scores as running the layer whole, and the replayed modules do not run."""
+    task, rows = _rows(smollm2, data_dir, name, 12)
+    model, layer = smollm2.model, 20
+    types = ["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+    cands = _candidates(model, layer, types)
+    sc = Scorer(model, smollm2.tokenizer, rows, task.kind, batch_tokens=300)
+    assert len(sc.batches) > 1
+    cache = PrefixCache()
+    block = decoder_layers(model)[layer]
+    calls = {"self_attn": 0, "gate_proj": 0, "up_proj": 0}
+    hooks = [block.self_attn.register_forward_hook(lambda *_: calls.__setitem__("self_attn", calls["self_attn"] + 1)),
+             block.mlp.gate_proj.register_forward_hook(lambda *_: calls.__setitem__("gate_proj", calls["gate_proj"] + 1)),
+             block.mlp.up_proj.register_forward_hook(lambda *_: calls.__setitem__("up_proj", calls["up_proj"] + 1))]
+    try:
+        with torch.no_grad():
+            sc.evaluate(cache, capture={layer})
+            for c in cands:                       # k=1 then k=2 of each matrix: capture, then replay
+                plain = evaluate_candidate(sc, c, cache, within=False)
+                for k in calls:
+                    calls[k] = 0
+                got = evaluate_candidate(sc, c, cache)
+                _assert_same(plain, got)
+                assert got["log_loss"] == pytest.approx(plain["log_loss"], rel=1e-7, abs=0)
+                if c.edit.matrix.endswith("down_proj") and c.edit.n_clusters == 2:
+                    # the second candidate at down_proj: attention and gate/up came from the cache
+                    once = 1 if sc.prefix_ids else 0         # a shared prompt prefix runs its layer whole
+                    assert calls == {"self_attn": once, "gate_proj": once, "up_proj": once}
+    finally:
+        for h in hooks:
+            h.remove()
+    p = f"model.layers.{layer}."
+    plans = {t: cache.store[("within", p + t)] for t in types}
+    assert plans == {"self_attn.q_proj": [], "self_attn.v_proj": [p + "self_attn.q_proj", p + "self_attn.k_proj"],
+                     "self_attn.o_proj": [p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"],
+                     "mlp.gate_proj": [p + "self_attn"],
+                     "mlp.down_proj": [p + "self_attn", p + "mlp.gate_proj", p + "mlp.up_proj"]}
+    assert 0 < cache.within_bytes == sum(v.numel() * v.element_size() if torch.is_tensor(v) else
+                                         sum(t.numel() * t.element_size() for t in v if torch.is_tensor(t))
+                                         for k, v in cache.store.items() if isinstance(k[1], str) and k[0] != "within")
+
+
+def test_within_layer_replay_not_in_the_last_layer_nor_with_other_edits(smollm2, data_dir):
+    task, rows = _rows(smollm2, data_dir, "counterfact", 8)
+    model = smollm2.model
+    last = len(decoder_layers(model)) - 1
+    sc = Scorer(model, smollm2.tokenizer, rows, task.kind)
+    cache = PrefixCache()
+    down = _candidates(model, last, ["mlp.down_proj"], ks=(1,))[0]
+    first, second = _candidates(model, 12, ["mlp.gate_proj", "mlp.down_proj"], ks=(1,))
+    with torch.no_grad():
+        sc.evaluate(cache, capture={last, 12})
+        evaluate_candidate(sc, down, cache)                        # tail-only hooks in the last layer
+        evaluate_candidate(sc, second, cache, applied=[first])     # gate_proj's edit changes what runs before
+    assert not any(k[0] == "within" for k in cache.store) and cache.within_bytes == 0

@@ -58,6 +58,9 @@ def test_shared_prefix_stops_before_scored_positions():
     assert shared_prefix_length(rows) == 3
     assert shared_prefix_length([_Row(0, -1, [1, 2, 3], []), _Row(1, -1, [1, 2, 3], [])]) == 2
     assert shared_prefix_length([_Row(0, -1, [1, 2], []), _Row(1, -1, [7, 2], [])]) == 0
+    # trimmed rows hold no last continuation token: the same first read positions, the same prefix
+    trimmed = [_Row(0, -1, [1, 2, 3, 4, 5], [5, 6], trimmed=True), _Row(1, -1, [1, 2, 3, 4], [9], trimmed=True)]
+    assert [r.first_read for r in trimmed] == [3, 3] and shared_prefix_length(trimmed) == 3
 
 
 def test_candidate_replay_with_shared_prefix(smollm2, data_dir):
