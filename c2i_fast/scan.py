@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .decompose import SVD, full_svd, rank_for, truncation_delta
+from .decompose import SVD, count_nonfinite, full_svd, rank_for, truncation_delta
 from .errors import C2IError
 from .evaluate import PrefixCache, Scorer, decoder_layers
 from .models import MatrixRef
@@ -208,7 +208,7 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
     for r in tqdm([r for i, r in enumerate(refs) if i in shard], desc="SVD + Σ-gradients",
                   disable=not progress, leave=False):
         g_mat = grads[r.name]
-        bad = int((~torch.isfinite(g_mat)).sum())
+        bad = count_nonfinite(g_mat)
         if bad:
             # A NaN gradient would poison every score; skip the matrix and say so in the report.
             skipped[r.name] = f"gradient has {bad} non-finite entries"

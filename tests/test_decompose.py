@@ -333,3 +333,20 @@ def test_any_labelling_gives_per_block_optimal_factors(m, n, k, rho, seed):
         if len(rows):
             opt = _tail_err(w[rows], rank_for(rho, len(rows), n))
             assert abs(_fro(w_hat[rows], w[rows]) - opt) <= 1e-5 * (1 + float(w.norm()))
+
+
+def test_count_nonfinite_and_svd_check():
+    from c2i_fast.decompose import _svd_finite, count_nonfinite
+    x = torch.randn(37, 11)
+    assert count_nonfinite(x) == 0
+    big = torch.full((4, 4), 3e38)             # finite entries whose sum overflows: counted, not guessed
+    assert count_nonfinite(big) == 0
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[5, 3] = bad
+        y[36, 10] = bad
+        assert count_nonfinite(y) == 2
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        assert _svd_finite(u, s, vh)
+        u[3, 2] = bad
+        assert not _svd_finite(u, s, vh)
