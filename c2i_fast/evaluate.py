@@ -89,7 +89,7 @@ class _Batch:
     input_ids: torch.Tensor       # (B, T) left-padded
     attention_mask: torch.Tensor  # (B, T)
     position_ids: torch.Tensor    # (B, T)
-    keep: int                     # logits kept from the end (max continuation length + 1)
+    keep: int                     # columns from the earliest first-read position to the end (_Row.first_read)
     allowed: torch.Tensor | None = None   # (B, 1, T, P+T) bool: query may attend key (packed choices or a
                                           # shared prefix of P tokens; None: the 2D mask says it all)
     read: list[int] | None = None         # the columns, of the last ``keep``, whose logits are ever read
@@ -123,7 +123,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if path is None:
         from .models import target_matrices
         name = target_matrices(model)[0].name
-        path = _LAYERS_PATH[model] = re.match(r"^(.*?)\.\d+\.", name).group(1)
+        path = _LAYERS_PATH[model] = _layer_root(name).rsplit(".", 1)[0]
     return model.get_submodule(path)
 
 

@@ -220,7 +220,7 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
         if r.name in skipped:
             tqdm.write(f"warning: skipping {r.name}: {skipped[r.name]}", file=sys.stderr)
             continue
-        g_sigma = ((svd.u.T @ g_mat) * svd.v.T).sum(1)                   # diag(UᵀGV), (p,)
+        g_sigma = svd.sigma_grad(g_mat)                                   # diag(UᵀGV), (p,)
         m, n = svd.shape
         delta = {rho: truncation_delta(svd, g_sigma, rank_for(rho, m, n)) for rho in rank_fractions}
         s = min(delta.values()) if score == "first_order" else -float(g_sigma.norm())
