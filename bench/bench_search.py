@@ -155,7 +155,7 @@ def _selection(rep: dict) -> dict:
     return {"plan": rep["plan"], "test_base_accuracy": rep["test"]["base"]["accuracy"],
             "test_adapted_accuracy": rep["test"]["adapted"]["accuracy"],
             "test_majority": rep["test"]["base"]["majority"]["accuracy"], "n_test": rep["task"]["n_test"],
-            "timings": rep["timings"]}
+            "timings": rep["timings"], "significance": rep["search"].get("significance")}
 
 
 class LaserCodePath(Scorer):
@@ -246,6 +246,12 @@ def table(res: dict) -> str:
                      "LASER's selection not run" if g["held_out_c_minus_laser"] is None else
                      f"held-out accuracy c2i_fast − LASER = {g['held_out_c_minus_laser']:+.3f} (goal ≥ 0: "
                      f"{'met' if g['met']['accuracy_ge_laser'] else 'NOT met'})"))
+    for name, r in res["rows"].items():
+        sig = r.get("significance")
+        if sig:
+            lines.append(f"{name}: selection gain {sig['gain']:+d} of {sig['n']} ({sig['wins']} fixed, "
+                         f"{sig['losses']} broken), max-T p = {sig['p_max']:.3g} against the best of "
+                         f"{sig['candidates']} no-effect candidates (uncorrected McNemar p = {sig['p_single']:.3g}).")
     w = res["rows"]["laser_faithful"].get("whole_file_seconds")
     if w:
         lines.append(f"LASER's scripts score the whole task file ({res['pieces']['laser_faithful']['n_file']} "

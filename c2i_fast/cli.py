@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scan loss: gold-answer cross-entropy or choice-restricted (classification)")
     a.add_argument("--score", choices=["first_order", "grad_norm"], default="first_order")
     a.add_argument("--draws", type=int, default=1, help="repeat selection on N disjoint samples")
+    a.add_argument("--gate-p", type=float, default=None, metavar="P",
+                   help="keep the base model unless the plan's selection gain is significant at P against the "
+                        "best of the evaluated candidates under no effect (max-T sign-flip test; default: off, "
+                        "the p-value is reported either way)")
     a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="model weights (SVDs and accumulation stay fp32)")
     a.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -188,7 +192,7 @@ def _run(args) -> int:
             loss=args.loss, score=args.score, scoring=args.scoring, data_dir=args.data_dir, metric=args.metric,
             batch_tokens=args.batch_tokens, share_prefix=args.share_prefix, resume=False, progress=progress,
             draws=args.draws, threads=args.threads, log_json=args.log_json, dtype=args.dtype, device=args.device,
-            device_map=args.device_map, gradient_checkpointing=args.gradient_checkpointing)
+            device_map=args.device_map, gradient_checkpointing=args.gradient_checkpointing, gate_p=args.gate_p)
         rep = pipeline.adapt(cfg)
         _finish(rep, cfg.out, args.no_report)
     elif args.command == "laser":

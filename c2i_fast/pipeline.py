@@ -29,7 +29,8 @@ from .evaluate import PrefixCache, Scorer, better
 from .models import LASER_TYPES, MATRIX_TYPES, load_model, target_matrices
 from .scan import scan
 from .search import (DEFAULT_CLUSTERS, DEFAULT_METHODS, DEFAULT_RANK_FRACTIONS, Candidate, build_candidates,
-                     evaluate_candidate, search)
+                     evaluate_candidate, rank, search)
+from .stats import selection_gain_test
 from .tasks import check_tokenization, load_task, split
 from .transform import Edit, Plan, atomic_write_text, factorize_
 
@@ -70,6 +71,7 @@ class AdaptConfig:
     device: str | None = None           # default: cuda when available
     device_map: str | None = None       # accelerate device map (e.g. "auto") for models bigger than one device
     gradient_checkpointing: bool = False
+    gate_p: float | None = None         # keep the base model unless the selection gain's max-T p ≤ this
 
 
 def _log(cfg, msg: str, event: str | None = None, **fields):
@@ -189,6 +191,23 @@ def _journal_writer(path: Path):
     return write
 
 
+def significance(base: dict, ranked: list[Candidate], seed: int = 0) -> dict | None:
+    """How likely the best of the evaluated candidates gains this much on the selection sample by chance
+    (:func:`c2i_fast.stats.selection_gain_test`; candidates best first, as :func:`c2i_fast.search.rank` orders
+    them). None when a result lacks per-example flags (a journal from an older version)."""
+    if not ranked or "correct" not in base or any("correct" not in c.result for c in ranked):
+        return None
+    return selection_gain_test(base["correct"], [c.result["correct"] for c in ranked], seed=seed)
+
+
+def gate(best: list[Candidate], final: dict, base: dict, sig: dict | None, gate_p: float | None):
+    """The plan and its selection metrics after the significance gate: with ``gate_p`` set, a plan whose
+    first edit's gain has max-T p > ``gate_p`` is dropped (the base model is kept)."""
+    if gate_p is None or not best or sig is None or sig["p_max"] <= gate_p:
+        return best, final, False
+    return [], base, True
+
+
 def _held_out(lm, task, test, cfg, plan_cands: list[Candidate], timings: dict) -> tuple[dict, dict]:
     """Base and adapted metrics on the held-out split; the adapted pass reuses the base pass's prefix."""
     t0 = time.perf_counter()
@@ -229,6 +248,8 @@ def adapt(cfg: AdaptConfig) -> dict:
         raise C2IError(f"--top-k must be ≥ 1, got {cfg.top_k}")
     if cfg.draws < 1:
         raise C2IError(f"--draws must be ≥ 1, got {cfg.draws}")
+    if cfg.gate_p is not None and not 0.0 <= cfg.gate_p <= 1.0:
+        raise C2IError(f"--gate-p must be in [0, 1], got {cfg.gate_p}")
     distributed.init()
     out = Path(cfg.out)
     if out.exists() and not cfg.resume and any(out.iterdir()):
@@ -313,6 +334,15 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
     res = search(sel, cands, base_sel, cache, n_layers, cfg.max_evals, cfg.compose, cfg.loss, cfg.progress,
                  on_result=on_result, done=done, dense=cfg.dense_candidates)
     timings["search"] = res.seconds["search"]
+    sig = significance(base_sel, rank(res.evaluated), cfg.seed)
+    res.best, res.final, gated = gate(res.best, res.final, base_sel, sig, cfg.gate_p)
+    if sig is not None:
+        sig.update(gate_p=cfg.gate_p, gated=gated)
+        _log(cfg, f"[c2i] selection gain {sig['gain']:+d} of {sig['n']} examples ({sig['wins']} fixed, "
+                  f"{sig['losses']} broken): p = {sig['p_max']:.3g} that the best of {sig['candidates']} no-effect "
+                  f"candidates gains as much (max-T sign-flip test; uncorrected McNemar p = {sig['p_single']:.3g})"
+                  + (f"; above --gate-p {cfg.gate_p}: the base model is kept" if gated else ""),
+             "significance", **sig)
     _log(cfg, f"[c2i] evaluated {len(res.evaluated)} of {len(cands)} candidates; plan: "
               + (", ".join(f"{c.edit.matrix} ρ={c.edit.rank_fraction} k={c.edit.n_clusters} {c.edit.method}"
                            for c in res.best) or "none beat the base model"), "plan",
@@ -334,7 +364,7 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
         "scan": {"loss": sc.loss, "loss_kind": sc.loss_kind, "score_kind": sc.score_kind, "skipped": sc.skipped,
                  "matrices": [m.summary() for m in sc.matrices]},
         "search": {"n_candidates": len(cands), "n_evaluated": len(res.evaluated),
-                   "rank_correlation_predicted_vs_measured": res.rank_correlation,
+                   "rank_correlation_predicted_vs_measured": res.rank_correlation, "significance": sig,
                    "candidates": [c.summary() for c in res.candidates]},
         "selection": {"base": _strip(base_sel), "adapted": _strip(res.final)},
         "test": {"base": _strip(base_test), "adapted": _strip(adapted_test)},
@@ -452,7 +482,7 @@ def laser(cfg: LaserConfig) -> dict:
             cands.append(c)
     timings["search"] = time.perf_counter() - t1
     timings["svd"] = t_svd
-    ranked = sorted(cands, key=lambda c: (-c.result["accuracy"], c.result["log_loss"], c.key()))
+    ranked = rank(cands)
     best = [ranked[0]] if ranked and better(ranked[0].result, base_val) else []
     base_test, adapted_test = _held_out(lm, task, splits["test"], cfg, best, timings)
     plan = Plan([c.edit for c in best], base_model=lm.model_id,
@@ -466,6 +496,7 @@ def laser(cfg: LaserConfig) -> dict:
                  "n_val": len(splits["select"]), "n_test": len(splits["test"])},
         "plan": plan.to_json()["edits"],
         "search": {"n_candidates": len(cands), "n_evaluated": len(cands),
+                   "significance": significance(base_val, ranked, cfg.seed),   # LASER's pick faces the same curse
                    "candidates": [c.summary() for c in cands]},
         "selection": {"base": _strip(base_val), "adapted": _strip(best[0].result) if best else _strip(base_val)},
         "test": {"base": _strip(base_test), "adapted": _strip(adapted_test)},

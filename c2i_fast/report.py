@@ -203,6 +203,17 @@ def _headline(report: dict) -> list[str]:
         if a1 is not None and a1 <= maj + 1e-12:
             s += " — the adapted model does not beat it"
         out.append(s + ".")
+    sig = _get(report, "search", "significance")
+    if isinstance(sig, dict) and _num(sig.get("p_max")) is not None:
+        p, j = _num(sig.get("p_max")), sig.get("candidates", "?")
+        s = (f"Selection gain {sig.get('gain', 0):+d} of {sig.get('n', '?')} examples ({sig.get('wins', '?')} "
+             f"fixed, {sig.get('losses', '?')} broken): p = {p:.2g} that the best of {j} candidates with no "
+             f"effect gains as much (max-T sign-flip test; uncorrected McNemar p = {_num(sig.get('p_single')) or 0:.2g})")
+        if sig.get("gated"):
+            s += f"; above --gate-p {sig.get('gate_p')}, so the base model was kept"
+        elif p > 0.05 and sig.get("gain", 0) > 0:
+            s += f" — no more than picking the best of {j} gives by chance"
+        out.append(s + ".")
     s_sum, s_mean = _num(adapted.get("accuracy_sum")), _num(adapted.get("accuracy_mean"))
     if s_sum is not None and s_mean is not None and abs(s_sum - s_mean) >= 0.05:
         out.append(f"Summed and length-normalised scoring disagree by {fmt_pts(s_mean - s_sum)[1:]} "

@@ -178,6 +178,11 @@ def interleave(candidates: list[Candidate]) -> list[Candidate]:
     return out
 
 
+def rank(evaluated: list[Candidate]) -> list[Candidate]:
+    """Best first: higher selection accuracy, ties by lower log-loss, then by key (a stable order)."""
+    return sorted(evaluated, key=lambda c: (-c.result["accuracy"], c.result["log_loss"], c.key()))
+
+
 def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: PrefixCache | None,
            n_layers: int, max_evals: int | None = None, compose: int = 0, loss_kind: str = "answer",
            progress: bool = True, on_result=None, done: dict[str, dict] | None = None,
@@ -220,7 +225,7 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
     measured = [c.result[loss_key] - base[loss_key] for c in evaluated]
     rho_corr = spearman([c.predicted for c in evaluated], measured)
 
-    ranked = sorted(evaluated, key=lambda c: (-c.result["accuracy"], c.result["log_loss"], c.key()))
+    ranked = rank(evaluated)
     plan: list[Candidate] = []
     final = base
     if ranked and better(ranked[0].result, base):

@@ -26,7 +26,7 @@ def test_log_json_events_and_rendered_report(fever_run):
     events = [json.loads(l) for l in (fever_run.parent / "events.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("candidate") == 6
-    assert {"scan", "selection_base", "plan", "held_out"} <= set(kinds)
+    assert {"scan", "selection_base", "significance", "plan", "held_out"} <= set(kinds)
     rep = json.loads((fever_run / "report.json").read_text())
     assert next(e for e in events if e["event"] == "held_out")["adapted"]["accuracy"] == \
         rep["test"]["adapted"]["accuracy"]
@@ -47,6 +47,11 @@ def test_adapt_writes_plan_and_report_and_never_loses_to_base_on_selection(fever
             assert k in test[part]
         assert test[part]["n"] == 24
     assert rep["search"]["n_evaluated"] == 6 and len(rep["search"]["candidates"]) == 2 * 2 * (1 + 2)
+    sig = rep["search"]["significance"]          # the best evaluated candidate's gain, tested against chance
+    best = max(c["accuracy"] for c in rep["search"]["candidates"] if "accuracy" in c)
+    assert sig["n"] == 24 and sig["candidates"] == 6 and sig["gated"] is False and sig["gate_p"] is None
+    assert sig["gain"] == round((best - sel["base"]["accuracy"]) * 24) and sig["gain"] == sig["wins"] - sig["losses"]
+    assert 0 < sig["p_max"] <= 1 and (sig["p_max"] == 1.0 if sig["gain"] <= 0 else sig["p_single"] < 1)
     assert {"load", "scan_gradient", "scan_svd", "search", "test_base", "total"} <= set(rep["timings"])
     assert rep["forward_passes"]["search_layer_passes"] > 0
     assert len(rep["scan"]["matrices"]) == 210
@@ -95,7 +100,7 @@ def _jsonl(path, recs):
 
 
 @pytest.mark.parametrize("case", ["missing_file", "malformed", "rho", "k_rows", "unknown_task", "top_k",
-                                  "unknown_model"])
+                                  "unknown_model", "gate_p"])
 def test_bad_input_is_one_clear_error(case, tmp_path, capsys):
     good = {"id": "a", "prompt": "Is water wet?", "answer": "yes", "choices": ["yes", "no"]}
     args = ["adapt", "--model", "smollm2", "--task", "fever", "--quiet", "--samples", "4", "--test-size", "4"]
@@ -107,6 +112,7 @@ def test_bad_input_is_one_clear_error(case, tmp_path, capsys):
         "unknown_task": "unknown task 'nope'",
         "top_k": "--top-k must be ≥ 1",
         "unknown_model": "model path ./no/such/model does not exist",
+        "gate_p": "--gate-p must be in [0, 1], got 1.5",
     }[case]
     if case == "missing_file":
         args[args.index("fever")] = str(tmp_path / "missing.jsonl")
@@ -122,6 +128,8 @@ def test_bad_input_is_one_clear_error(case, tmp_path, capsys):
         args += ["--top-k", "0"]
     elif case == "unknown_model":
         args[args.index("smollm2")] = "./no/such/model"
+    elif case == "gate_p":
+        args += ["--gate-p", "1.5"]
     out = tmp_path / "out"
     assert main(args + ["--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

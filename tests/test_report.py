@@ -93,6 +93,10 @@ def test_summary_table_of_a_real_run(real_run):
     assert fmt_pct(rep["test"]["adapted"]["accuracy"]) in text
     assert fmt_pct(rep["test"]["base"]["majority"]["accuracy"]) in text
     assert "time:" in text
+    sig = rep["search"]["significance"]
+    assert f"Selection gain {sig['gain']:+d} of 16 examples" in text and f"best of {sig['candidates']}" in text
+    rep["search"]["significance"].update(gated=True, gate_p=0.05)
+    assert "above --gate-p 0.05, so the base model was kept" in summary_table(rep)
 
 
 def test_laser_shaped_report_renders_without_scan(real_run, tmp_path):
