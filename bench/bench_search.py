@@ -251,7 +251,9 @@ def table(res: dict) -> str:
         if sig:
             lines.append(f"{name}: selection gain {sig['gain']:+d} of {sig['n']} ({sig['wins']} fixed, "
                          f"{sig['losses']} broken), max-T p = {sig['p_max']:.3g} against the best of "
-                         f"{sig['candidates']} no-effect candidates (uncorrected McNemar p = {sig['p_single']:.3g}).")
+                         f"{sig['candidates']} no-effect candidates (uncorrected McNemar p = {sig['p_single']:.3g})"
+                         + (f"; with --gate-p 0.05 the base model is kept (held-out {r['test_base_accuracy']:.3f})"
+                            if r.get("plan") and sig["p_max"] > 0.05 else "") + ".")
     w = res["rows"]["laser_faithful"].get("whole_file_seconds")
     if w:
         lines.append(f"LASER's scripts score the whole task file ({res['pieces']['laser_faithful']['n_file']} "

@@ -278,7 +278,8 @@ def adapt(cfg: AdaptConfig) -> dict:
         report["draws"] = {"n": cfg.draws, "plans": [d["plan"] for d in draws], "test_accuracy": accs,
                            "test_gain": gains, "mean": float(t.mean()),
                            "std": float(t.std()) if len(accs) > 1 else 0.0,
-                           "min": min(accs), "max": max(accs)}
+                           "min": min(accs), "max": max(accs),
+                           "selection_p_max": [(d["search"]["significance"] or {}).get("p_max") for d in draws]}
     timings["total"] = time.perf_counter() - t_start
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
     report["world_size"] = distributed.size()
