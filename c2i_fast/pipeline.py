@@ -344,7 +344,9 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
                   f"candidates gains as much (max-T sign-flip test; uncorrected McNemar p = {sig['p_single']:.3g})"
                   + (f"; above --gate-p {cfg.gate_p}: the base model is kept" if gated else ""),
              "significance", **sig)
-    _log(cfg, f"[c2i] evaluated {len(res.evaluated)} of {len(cands)} candidates; plan: "
+    n_same = sum(c.same_as is not None for c in res.evaluated)
+    _log(cfg, f"[c2i] evaluated {len(res.evaluated)} of {len(cands)} candidates"
+              + (f" ({n_same} with the factors of an earlier one: its result, no pass)" if n_same else "") + "; plan: "
               + (", ".join(f"{c.edit.matrix} ρ={c.edit.rank_fraction} k={c.edit.n_clusters} {c.edit.method}"
                            for c in res.best) or "none beat the base model"), "plan",
          edits=[c.edit.to_dict() for c in res.best], n_evaluated=len(res.evaluated), seconds=res.seconds)
@@ -364,7 +366,7 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
         "plan": plan.to_json()["edits"],
         "scan": {"loss": sc.loss, "loss_kind": sc.loss_kind, "score_kind": sc.score_kind, "skipped": sc.skipped,
                  "matrices": [m.summary() for m in sc.matrices]},
-        "search": {"n_candidates": len(cands), "n_evaluated": len(res.evaluated),
+        "search": {"n_candidates": len(cands), "n_evaluated": len(res.evaluated), "n_same_factors": n_same,
                    "rank_correlation_predicted_vs_measured": res.rank_correlation, "significance": sig,
                    "candidates": [c.summary() for c in res.candidates]},
         "selection": {"base": _strip(base_sel), "adapted": _strip(res.final)},

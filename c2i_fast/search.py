@@ -4,7 +4,8 @@ sample as a factored forward pass (never a dense rebuild), best applied, optiona
 Every candidate first gets its first-order loss change ΔL̂ = ⟨G, Ŵ − W⟩ from the scan's single gradient (no
 forward pass; −Σ_{i>k} σᵢgᵢ for plain truncation, per-cluster tails for clustered). Candidates are evaluated
 best ΔL̂ first within each matrix, round-robin across matrices, and ``max_evals`` keeps the first ones. Each evaluation reruns only the layers
-at and above the candidate's layer (a :class:`~c2i_fast.evaluate.PrefixCache` replays the rest).
+at and above the candidate's layer (a :class:`~c2i_fast.evaluate.PrefixCache` replays the rest). Candidates
+whose factors are the same (:func:`factor_signature`) are scored once.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class Candidate:
     source: object = None               # SVD (k = 1) or ClusteredSVD the factors come from
     result: dict | None = None          # selection metrics once evaluated
     seconds: float = 0.0
+    same_as: str | None = None          # key of an earlier candidate with the same factors (result copied)
 
     def key(self) -> str:
         e = self.edit
@@ -43,6 +45,8 @@ class Candidate:
     def summary(self) -> dict:
         d = {**self.edit.to_dict(), "layer": self.layer, "predicted_delta": self.predicted,
              "seconds": round(self.seconds, 4)}
+        if self.same_as is not None:
+            d["same_as"] = self.same_as
         if self.result is not None:
             d.update({k: self.result[k] for k in ("accuracy", "log_loss", "accuracy_sum", "accuracy_mean",
                                                    "choice_loss") if k in self.result})
@@ -72,12 +76,16 @@ def build_candidates(scans: list[MatrixScan], refs: dict[str, MatrixRef], rank_f
         # cost by the grid, so it is fitted once per k at the rank of the ρ the scan predicts best for this
         # matrix (argmin of the first-order ΔL̂), like block / k-means labels are computed once per k.
         best_rho = min(ms.delta, key=lambda r: (ms.delta[r], r)) if ms.delta else min(rank_fractions)
+        fits: dict[tuple, ClusteredSVD] = {}      # methods that return the same partition share one fit
         for k in [k for k in clusters if k > 1]:
             for method in methods:
                 j = rank_for(best_rho, -(-m // k), n)
                 kw = {"iters": 5, "restarts": 0} if method == "projective" else {}
-                labels = assign_clusters(w, k, method, rank=j, seed=seed, **kw)
-                fitted = ClusteredSVD.fit(w, labels, k, name=ms.name)
+                labels = torch.as_tensor(assign_clusters(w, k, method, rank=j, seed=seed, **kw)).cpu()
+                same = (k, labels.to(torch.int64).numpy().tobytes())
+                if same not in fits:
+                    fits[same] = ClusteredSVD.fit(w, labels, k, name=ms.name)
+                fitted = fits[same]
                 for rho in rank_fractions:
                     out.append(Candidate(Edit(ms.name, rho, k, method, seed), ms.layer,
                                          fitted.truncation_delta(ms.grad, rho), fitted))
@@ -88,6 +96,30 @@ def _factors(c: Candidate):
     if c.edit.n_clusters == 1:
         return c.source.truncate(rank_for(c.edit.rank_fraction, *c.source.shape))
     return c.source.factors(c.edit.rank_fraction)
+
+
+def factor_signature(c: Candidate) -> tuple:
+    """What a candidate's factors are a function of: the matrix, the row clustering and every block's kept rank.
+    Candidates with one signature have the same factors, hence the same scores. That happens: rank_for
+    saturates at 1 on small blocks (a 24-row cluster keeps rank 1 at ρ = 0.05 and at ρ = 0.01), and k-means and
+    projective clustering can return the same partition (seen on epistemic reasoning)."""
+    e, src = c.edit, c.source
+    if src is None:
+        return (c.key(),)
+    if e.n_clusters == 1:
+        return (e.matrix, 1, rank_for(e.rank_fraction, *src.shape))
+    return (e.matrix, e.n_clusters, src.labels.numpy().tobytes(), tuple(src.ranks_for(e.rank_fraction)))
+
+
+def duplicates(todo: list[Candidate]) -> dict[int, int]:
+    """index → index of the first earlier candidate in ``todo`` with the same :func:`factor_signature`."""
+    first: dict[tuple, int] = {}
+    out = {}
+    for i, c in enumerate(todo):
+        j = first.setdefault(factor_signature(c), i)
+        if j != i:
+            out[i] = j
+    return out
 
 
 def evaluate_candidate(scorer: Scorer, c: Candidate, cache: PrefixCache | None, applied: list[Candidate] = (),
@@ -192,19 +224,22 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
     matrices, each kept only if it improves the selection score.
 
     ``done`` maps candidate keys to results already evaluated (a resumed run); ``on_result(candidate)`` is
-    called after each new evaluation (the journal).
+    called after each new evaluation (the journal). A candidate whose factors equal an earlier one's
+    (:func:`factor_signature`) still takes its slot of ``max_evals`` but gets that one's result, with no pass.
     """
     t0 = time.perf_counter()
     order = interleave(candidates)
     todo = order if not max_evals else order[:max_evals]
     passes = 0
+    # no pass for a candidate whose factors were scored already (the dense paper-faithful / LASER way scores all)
+    same = {} if dense else duplicates(todo)
     share = set(distributed.mine(len(todo)))          # every index in a single process
     local = {}
     for i, c in enumerate(tqdm(todo, desc="search", disable=not progress, leave=False)):
         if done and c.key() in done:
             c.result = done[c.key()]
             continue
-        if i not in share:
+        if i in same or i not in share:
             continue
         t = time.perf_counter()
         c.result = evaluate_candidate(scorer, c, cache, dense=dense)
@@ -220,6 +255,12 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
             todo[i].result, todo[i].seconds = every[i]
             if on_result is not None and distributed.is_main():
                 on_result(todo[i])
+    for i, j in same.items():                          # after the evaluations: one journal order on every rank
+        c = todo[i]
+        if c.result is None and todo[j].result is not None:
+            c.result, c.same_as = dict(todo[j].result), todo[j].key()
+            if on_result is not None and distributed.is_main():
+                on_result(c)
     evaluated = [c for c in todo if c.result is not None]
     loss_key = "choice_loss" if loss_kind == "choice" else "log_loss"
     measured = [c.result[loss_key] - base[loss_key] for c in evaluated]
@@ -230,13 +271,14 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
     final = base
     if ranked and better(ranked[0].result, base):
         plan, final = [ranked[0]], ranked[0].result
-        tries = 0
+        tries, tried = 0, set()
         for c in ranked[1:]:
             if len(plan) > compose or tries >= 4 * compose:
                 break
-            if any(p.edit.matrix == c.edit.matrix for p in plan):
+            if any(p.edit.matrix == c.edit.matrix for p in plan) or factor_signature(c) in tried:
                 continue
             tries += 1
+            tried.add(factor_signature(c))
             res = evaluate_candidate(scorer, c, cache, applied=plan, dense=dense)
             passes += n_layers - min(p.layer for p in plan + [c]) if cache is not None and not dense else n_layers
             if better(res, final):
