@@ -64,9 +64,11 @@ def run(args) -> dict:
         n_layers = c["forward_passes"]["layers"]
         rows["c2i_fast"] = {**_selection(c), "wall_seconds": c_wall, "extrapolated": False,
                             "n_evaluated": c["search"]["n_evaluated"], "rows_per_pass": c["task"]["n_select"],
+                            "n_same_factors": c["search"].get("n_same_factors", 0),
                             "layer_passes": c["forward_passes"]["search_layer_passes"],
                             "note": f"{c['search']['n_evaluated']} of {c['search']['n_candidates']} candidates "
-                                    f"evaluated, factored, from their layer up"}
+                                    f"evaluated ({c['search'].get('n_same_factors', 0)} with an earlier one's "
+                                    f"factors, not rerun), factored, from their layer up"}
         # (b) paper-faithful C2I: first --paper-subset candidates dense + full forward, extrapolated to the grid
         b = adapt(AdaptConfig(out=str(work / "b"), samples=args.samples, top_k=args.top_k,
                               max_evals=args.paper_subset, dense_candidates=True, test_size=args.samples,
