@@ -770,10 +770,15 @@ def _candidates_section(report: dict, top: int = 15) -> str:
         rows.append([c.get("matrix", "?"), c.get("rank_fraction", "—"), c.get("n_clusters", 1),
                      c.get("method", "—")] + ([fmt_float(c.get("predicted_delta"))] if has_pred else []) +
                     [fmt_pct(c.get("accuracy")), fmt_pct(c.get("accuracy_sum")), fmt_pct(c.get("accuracy_mean")),
-                     fmt_float(c.get("log_loss")), fmt_float(c.get("choice_loss")), fmt_float(c.get("seconds"), 2)])
+                     fmt_float(c.get("log_loss")), fmt_float(c.get("choice_loss")),
+                     "twin, not rerun" if c.get("same_as") else fmt_float(c.get("seconds"), 2)])
         classes.append("best" if _cand_key(c) in plan else "")
     n_all = _get(report, "search", "n_candidates")
     note = f"{len(cands)} evaluated" + (f" of {n_all} built" if isinstance(n_all, int) else "")
+    twins = sum(bool(c.get("same_as")) for c in cands)
+    if twins:
+        note += (f" ({twins} of them twins: the same factors as an earlier candidate, so its result without a "
+                 f"pass)")
     fp = report.get("forward_passes")
     if isinstance(fp, dict) and _num(fp.get("search_equivalent_full_passes")) is not None:
         note += (f"; the search cost {fp.get('search_layer_passes')} layer passes "

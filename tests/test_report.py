@@ -114,6 +114,19 @@ def test_laser_shaped_report_renders_without_scan(real_run, tmp_path):
     assert fmt_pct(rep["test"]["adapted"]["accuracy"]) in index.read_text()
 
 
+def test_twins_are_marked_in_the_candidate_table(real_run, tmp_path):
+    """A candidate with an earlier one's factors (search.same_as) shows as a twin, not as a 0-second pass."""
+    rep = copy.deepcopy(_report(real_run))
+    cands = [c for c in rep["search"]["candidates"] if c.get("accuracy") is not None]
+    first, twin = cands[0], cands[1]
+    for k in ("accuracy", "accuracy_sum", "accuracy_mean", "log_loss", "choice_loss"):
+        if k in first:
+            twin[k] = first[k]
+    twin["seconds"], twin["same_as"] = 0.0, "earlier|key"
+    html = render_report(_write(tmp_path, rep)).read_text()
+    assert "twin, not rerun" in html and "1 of them twins" in html
+
+
 def test_draws_spread_is_reported(real_run, tmp_path):
     rep = copy.deepcopy(_report(real_run))
     rep["draws"] = {"n": 3, "plans": [rep["plan"], [], rep["plan"]], "test_accuracy": [0.61, 0.5, 0.705],
