@@ -81,8 +81,8 @@ def build_candidates(scans: list[MatrixScan], refs: dict[str, MatrixRef], rank_f
             for method in methods:
                 j = rank_for(best_rho, -(-m // k), n)
                 kw = {"iters": 5, "restarts": 0} if method == "projective" else {}
-                labels = torch.as_tensor(assign_clusters(w, k, method, rank=j, seed=seed, **kw)).cpu()
-                same = (k, labels.to(torch.int64).numpy().tobytes())
+                labels = assign_clusters(w, k, method, rank=j, seed=seed, **kw)
+                same = (k, _partition(labels))
                 if same not in fits:
                     fits[same] = ClusteredSVD.fit(w, labels, k, name=ms.name)
                 fitted = fits[same]
@@ -98,6 +98,11 @@ def _factors(c: Candidate):
     return c.source.factors(c.edit.rank_fraction)
 
 
+def _partition(labels: torch.Tensor) -> bytes:
+    """The row → cluster labels as bytes: equal bytes, equal partition (and the same fit, ClusteredSVD.fit)."""
+    return labels.to(device="cpu", dtype=torch.int64).numpy().tobytes()
+
+
 def factor_signature(c: Candidate) -> tuple:
     """What a candidate's factors are a function of: the matrix, the row clustering and every block's kept rank.
     Candidates with one signature have the same factors, hence the same scores. That happens: rank_for
@@ -108,7 +113,7 @@ def factor_signature(c: Candidate) -> tuple:
         return (c.key(),)
     if e.n_clusters == 1:
         return (e.matrix, 1, rank_for(e.rank_fraction, *src.shape))
-    return (e.matrix, e.n_clusters, src.labels.numpy().tobytes(), tuple(src.ranks_for(e.rank_fraction)))
+    return (e.matrix, e.n_clusters, _partition(src.labels), tuple(src.ranks_for(e.rank_fraction)))
 
 
 def duplicates(todo: list[Candidate]) -> dict[int, int]:
@@ -275,10 +280,11 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
         for c in ranked[1:]:
             if len(plan) > compose or tries >= 4 * compose:
                 break
-            if any(p.edit.matrix == c.edit.matrix for p in plan) or factor_signature(c) in tried:
+            sig = factor_signature(c)
+            if any(p.edit.matrix == c.edit.matrix for p in plan) or sig in tried:
                 continue
             tries += 1
-            tried.add(factor_signature(c))
+            tried.add(sig)
             res = evaluate_candidate(scorer, c, cache, applied=plan, dense=dense)
             passes += n_layers - min(p.layer for p in plan + [c]) if cache is not None and not dense else n_layers
             if better(res, final):
