@@ -157,6 +157,7 @@ def _selection(rep: dict) -> dict:
     return {"plan": rep["plan"], "test_base_accuracy": rep["test"]["base"]["accuracy"],
             "test_adapted_accuracy": rep["test"]["adapted"]["accuracy"],
             "test_majority": rep["test"]["base"]["majority"]["accuracy"], "n_test": rep["task"]["n_test"],
+            "test_paired_vs_base": rep["test"].get("paired"),
             "timings": rep["timings"], "significance": rep["search"].get("significance")}
 
 

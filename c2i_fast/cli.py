@@ -211,7 +211,7 @@ def _run(args) -> int:
             batch_tokens=args.batch_tokens, share_prefix=args.share_prefix, progress=progress, threads=args.threads,
             out=args.out, log_json=args.log_json)
         rep = pipeline.evaluate_model(cfg)
-        print(json.dumps({k: rep[k] for k in rep if k in ("task", "n_test", "base", "adapted")}, indent=2,
+        print(json.dumps({k: rep[k] for k in rep if k in ("task", "n_test", "base", "adapted", "paired")}, indent=2,
                          default=str))
     elif args.command == "apply":
         from pathlib import Path

@@ -30,7 +30,7 @@ from .models import LASER_TYPES, MATRIX_TYPES, load_model, target_matrices
 from .scan import scan
 from .search import (DEFAULT_CLUSTERS, DEFAULT_METHODS, DEFAULT_RANK_FRACTIONS, Candidate, build_candidates,
                      evaluate_candidate, rank, search)
-from .stats import selection_gain_test
+from .stats import paired_difference, selection_gain_test
 from .tasks import check_tokenization, load_task, split
 from .transform import Edit, Plan, atomic_write_text, factorize_
 
@@ -119,6 +119,14 @@ def _strip(res: dict) -> dict:
     """Metrics without the per-example lists (those stay out of the report's summary tables)."""
     return {k: v for k, v in res.items() if k not in ("predictions_sum", "predictions_mean", "correct",
                                                       "generations")}
+
+
+def _held_out_block(base: dict, adapted: dict) -> dict:
+    """The report's ``test`` entry: both models' metrics and their paired difference on the same examples."""
+    out = {"base": _strip(base), "adapted": _strip(adapted)}
+    if "correct" in base and "correct" in adapted:
+        out["paired"] = paired_difference(base["correct"], adapted["correct"])
+    return out
 
 
 def _check_common(rank_fractions, samples: int, test_size: int, clusters=(1,)) -> None:
@@ -352,7 +360,7 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
          edits=[c.edit.to_dict() for c in res.best], n_evaluated=len(res.evaluated), seconds=res.seconds)
 
     base_test, adapted_test = _held_out(lm, task, splits["test"], cfg, res.best, timings)
-    _emit(cfg, "held_out", base=_strip(base_test), adapted=_strip(adapted_test))
+    _emit(cfg, "held_out", **_held_out_block(base_test, adapted_test))
     plan = Plan([c.edit for c in res.best], base_model=lm.model_id,
                 meta={"task": task.name, "seed": cfg.seed, "draw": draw, "samples": cfg.samples})
     if draw == 0 and distributed.is_main():
@@ -370,7 +378,7 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
                    "rank_correlation_predicted_vs_measured": res.rank_correlation, "significance": sig,
                    "candidates": [c.summary() for c in res.candidates]},
         "selection": {"base": _strip(base_sel), "adapted": _strip(res.final)},
-        "test": {"base": _strip(base_test), "adapted": _strip(adapted_test)},
+        "test": _held_out_block(base_test, adapted_test),
         "forward_passes": {"gradient_pass_rows": forward_rows,
                            "search_layer_passes": res.forward_layer_passes,
                            "layers": n_layers,
@@ -502,7 +510,7 @@ def laser(cfg: LaserConfig) -> dict:
                    "significance": significance(base_val, ranked, cfg.seed),   # LASER's pick faces the same curse
                    "candidates": [c.summary() for c in cands]},
         "selection": {"base": _strip(base_val), "adapted": _strip(best[0].result) if best else _strip(base_val)},
-        "test": {"base": _strip(base_test), "adapted": _strip(adapted_test)},
+        "test": _held_out_block(base_test, adapted_test),
         "forward_passes": {"search_layer_passes": passes, "layers": n_layers,
                            "search_equivalent_full_passes": round(passes / n_layers, 2)},
         "accounting": _accounting(model, plan, best),
@@ -541,17 +549,21 @@ def evaluate_model(cfg: EvalConfig) -> dict:
     lm, task, t_load = _prepare(cfg)
     splits = split(task, cfg.samples, cfg.test_size, cfg.seed)
     sc = _scorer(lm, task, splits["test"], cfg)
-    report = {"task": task.name, "n_test": len(splits["test"]), "versions": versions(),
-              "base": _strip(sc.evaluate())}
+    base = sc.evaluate()
+    report = {"task": task.name, "n_test": len(splits["test"]), "versions": versions(), "base": _strip(base)}
     if cfg.plan:
         from .artifacts import load_adapted
         from .transform import restore_
         load_adapted(lm.model, cfg.plan)
         try:
-            report["adapted"] = _strip(sc.evaluate())
+            held = _held_out_block(base, sc.evaluate())
         finally:
             restore_(lm.model)
+        report["adapted"] = held["adapted"]
+        if "paired" in held:
+            report["paired"] = held["paired"]
     if cfg.out:
         atomic_write_text(Path(cfg.out), json.dumps(report, indent=2, default=str) + "\n")
-    _emit(cfg, "done", **{k: report[k] for k in ("task", "n_test", "base") }, adapted=report.get("adapted"))
+    _emit(cfg, "done", **{k: report[k] for k in ("task", "n_test", "base")}, adapted=report.get("adapted"),
+          paired=report.get("paired"))
     return report

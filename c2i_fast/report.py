@@ -62,7 +62,7 @@ def fmt_pct(x) -> str:
 def fmt_pts(x) -> str:
     """A difference of accuracies in percentage points, signed: 0.333 → '+33.3 pts'."""
     v = _num(x)
-    return "—" if v is None else f"{100 * v:+.1f} pts"
+    return "—" if v is None else f"{round(100 * v, 1) + 0.0:+.1f} pts"      # + 0.0: no "-0.0"
 
 
 def fmt_float(x, digits: int = 3) -> str:
@@ -192,9 +192,19 @@ def _headline(report: dict) -> list[str]:
            + (f" ({fmt_pts(a1 - a0)})" if a0 is not None and a1 is not None else "")
            + (f" on {adapted['n']} examples" if _num(adapted.get("n")) else "") + "."]
     n = _num(adapted.get("n"))
-    if a1 is not None and n and n >= 1:
+    pair = _get(report, "test", "paired")
+    if a1 is not None and n and n >= 1 and not isinstance(pair, dict):     # the paired line says it better
         se = 100 * math.sqrt(max(a1 * (1 - a1), 1e-12) / n)
         out[0] += f" One standard error of an accuracy at this n is ±{se:.1f} pts."
+    if isinstance(pair, dict) and _num(pair.get("difference")) is not None and (pair.get("fixed") or pair.get("broken")):
+        lo, hi = (list(pair.get("ci95") or []) + [None, None])[:2]
+        s = (f"Paired on the same examples: {pair.get('fixed')} fixed, {pair.get('broken')} broken, "
+             f"difference {fmt_pts(pair['difference'])}")
+        if _num(lo) is not None and _num(hi) is not None:
+            s += f" (95% interval {fmt_pts(lo)} to {fmt_pts(hi)})"
+        if _num(pair.get("p_two_sided")) is not None:
+            s += f", exact McNemar p = {_num(pair.get('p_two_sided')):.2g} (two-sided)"
+        out.append(s + ".")
     maj = _num(_get(adapted, "majority", "accuracy"))
     if maj is not None:
         label = _get(adapted, "majority", "label")

@@ -53,6 +53,11 @@ def test_adapt_writes_plan_and_report_and_never_loses_to_base_on_selection(fever
     assert sig["gain"] == round((best - sel["base"]["accuracy"]) * 24) and sig["gain"] == sig["wins"] - sig["losses"]
     assert 0 < sig["p_max"] <= 1 and (sig["p_max"] == 1.0 if sig["gain"] <= 0 else sig["p_single"] < 1)
     assert {"load", "scan_gradient", "scan_svd", "search", "test_base", "total"} <= set(rep["timings"])
+    pair = test["paired"]                        # the held-out difference, judged on the same 24 examples
+    assert pair["n"] == 24 and pair["fixed"] - pair["broken"] == round(
+        (test["adapted"]["accuracy"] - test["base"]["accuracy"]) * 24)
+    assert pair["difference"] == pytest.approx(test["adapted"]["accuracy"] - test["base"]["accuracy"])
+    assert 0 < pair["p_two_sided"] <= 1 and pair["ci95"][0] <= pair["difference"] <= pair["ci95"][1]
     assert rep["forward_passes"]["search_layer_passes"] > 0
     assert len(rep["scan"]["matrices"]) == 210
     if plan["edits"]:
@@ -70,6 +75,8 @@ def test_eval_of_the_adapted_directory_reproduces_the_held_out_numbers(fever_run
     if rep["plan"]:
         assert out["adapted"]["accuracy"] == rep["test"]["adapted"]["accuracy"]
         assert abs(out["adapted"]["log_loss"] - rep["test"]["adapted"]["log_loss"]) < 1e-4
+        assert {k: out["paired"][k] for k in ("fixed", "broken")} == \
+            {k: rep["test"]["paired"][k] for k in ("fixed", "broken")}
 
 
 def test_laser_in_the_same_harness(tmp_path):

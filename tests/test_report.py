@@ -138,6 +138,19 @@ def test_draws_spread_is_reported(real_run, tmp_path):
     assert "60.5%" in summary_table(rep)
 
 
+def test_paired_held_out_difference_is_stated(tmp_path):
+    rep = {"task": {"name": "fever"},
+           "test": {"base": {"accuracy": 0.518, "n": 500}, "adapted": {"accuracy": 0.516, "n": 500},
+                    "paired": {"n": 500, "fixed": 40, "broken": 41, "difference": -0.002, "se": 0.018,
+                               "ci95": [-0.0373, 0.0333], "p_two_sided": 1.0}}}
+    html = render_report(_write(tmp_path, rep)).read_text()
+    assert "40 fixed, 41 broken, difference -0.2 pts (95% interval -3.7 pts to +3.3 pts)" in html
+    assert "exact McNemar p = 1 (two-sided)" in html and "40 fixed, 41 broken" in summary_table(rep)
+    rep["test"]["paired"].update(fixed=0, broken=0, difference=0.0)      # no answer changed: nothing to say
+    (tmp_path / "same").mkdir()
+    assert "fixed" not in render_report(_write(tmp_path / "same", rep)).read_text()
+
+
 def test_minimal_hand_made_report(tmp_path):
     rep = {"task": {"name": "<script>x</script>"},
            "test": {"base": {"accuracy": 0.5, "n": 10, "majority": {"label": "yes", "accuracy": 0.6}},

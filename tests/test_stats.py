@@ -8,7 +8,7 @@ import torch
 from c2i_fast.errors import C2IError
 from c2i_fast.pipeline import gate, significance
 from c2i_fast.search import Candidate
-from c2i_fast.stats import mcnemar_one_sided, selection_gain_test
+from c2i_fast.stats import mcnemar_one_sided, mcnemar_two_sided, paired_difference, selection_gain_test
 from c2i_fast.transform import Edit
 
 
@@ -17,6 +17,50 @@ def test_mcnemar_tail_is_the_binomial_tail():
     assert mcnemar_one_sided(5, 0) == pytest.approx(1 / 32)
     assert mcnemar_one_sided(0, 5) == 1.0
     assert mcnemar_one_sided(3, 1) == pytest.approx((math.comb(4, 3) + 1) / 16)
+
+
+def test_two_sided_mcnemar_doubles_the_larger_tail_and_caps_at_one():
+    assert mcnemar_two_sided(5, 0) == pytest.approx(2 / 32) == mcnemar_two_sided(0, 5)
+    assert mcnemar_two_sided(3, 3) == 1.0 and mcnemar_two_sided(0, 0) == 1.0
+    # 11 vs 2 discordant: 2 · P(X ≥ 11), X ~ Bin(13, ½), summed by hand
+    assert mcnemar_two_sided(11, 2) == pytest.approx(2 * sum(math.comb(13, k) for k in range(11, 14)) / 2 ** 13)
+
+
+def test_paired_difference_counts_the_discordant_examples_and_their_spread():
+    base = [True, True, False, False, True, False, True, False, False, False]
+    adapted = [True, False, True, True, True, False, True, True, False, False]     # 3 fixed, 1 broken
+    r = paired_difference(base, adapted)
+    n = 10
+    assert (r["n"], r["fixed"], r["broken"]) == (n, 3, 1)
+    assert r["difference"] == pytest.approx(sum(adapted) / n - sum(base) / n)
+    d = torch.tensor(adapted, dtype=torch.float64) - torch.tensor(base, dtype=torch.float64)
+    assert r["se"] == pytest.approx(math.sqrt(d.var(unbiased=False).item() / n))    # population var of d, /n
+    assert r["ci95"] == pytest.approx([r["difference"] - 1.96 * r["se"], r["difference"] + 1.96 * r["se"]])
+    assert r["p_two_sided"] == pytest.approx(mcnemar_two_sided(3, 1))
+    same = paired_difference(base, base)
+    assert (same["fixed"], same["broken"], same["difference"], same["se"], same["p_two_sided"]) == (0, 0, 0, 0, 1)
+    assert paired_difference([], []) is None
+    with pytest.raises(C2IError, match="3 adapted correctness flags, 2 base"):
+        paired_difference([True, False], [True, False, True])
+
+
+def test_paired_standard_error_follows_how_many_answers_change():
+    # 500 examples, half right; the edit changes 10 answers (6 fixed, 4 broken). One accuracy's SE is ±2.2 pts,
+    # the paired difference's about ±0.6: the number a reader needs to judge "−0.2 pts".
+    base = [i % 2 == 0 for i in range(500)]
+    adapted = list(base)
+    for i in range(1, 13, 2)[:6]:
+        adapted[i] = True
+    for i in range(0, 8, 2)[:4]:
+        adapted[i] = False
+    r = paired_difference(base, adapted)
+    assert (r["fixed"], r["broken"]) == (6, 4)
+    assert r["se"] < 0.3 * math.sqrt(0.25 / 500)
+    # and the other way: an edit that reshuffles 200 of 500 answers (100 each way) is noisier than one accuracy
+    shuffled = [not b if i < 200 else b for i, b in enumerate(base)]
+    r = paired_difference(base, shuffled)
+    assert (r["fixed"], r["broken"], r["difference"]) == (100, 100, 0.0)
+    assert r["se"] == pytest.approx(math.sqrt(0.4 / 500)) and r["se"] > math.sqrt(0.25 / 500)
 
 
 def _noise(j: int, n: int, gen: torch.Generator, flip: float = 0.3):
