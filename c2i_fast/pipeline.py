@@ -284,7 +284,8 @@ def adapt(cfg: AdaptConfig) -> dict:
         gains = [d["test"]["adapted"]["accuracy"] - d["test"]["base"]["accuracy"] for d in draws]
         t = torch.tensor(accs, dtype=torch.float64)
         report["draws"] = {"n": cfg.draws, "plans": [d["plan"] for d in draws], "test_accuracy": accs,
-                           "test_gain": gains, "mean": float(t.mean()),
+                           "test_gain": gains, "test_paired": [d["test"].get("paired") for d in draws],
+                           "mean": float(t.mean()),
                            "std": float(t.std()) if len(accs) > 1 else 0.0,
                            "min": min(accs), "max": max(accs),
                            "selection_p_max": [(d["search"]["significance"] or {}).get("p_max") for d in draws]}

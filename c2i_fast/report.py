@@ -700,16 +700,21 @@ def _metrics_section(report: dict) -> str:
         accs = d.get("test_accuracy") if isinstance(d.get("test_accuracy"), list) else []
         gains = d.get("test_gain") if isinstance(d.get("test_gain"), list) else []
         plans = d.get("plans") if isinstance(d.get("plans"), list) else []
+        paired = d.get("test_paired") if isinstance(d.get("test_paired"), list) else []
         drows = []
         for i, acc in enumerate(accs):
             p = _dicts(plans[i]) if i < len(plans) else []
+            pr = paired[i] if i < len(paired) and isinstance(paired[i], dict) else {}
             drows.append([str(i), "; ".join(edit_text(e) for e in p) or "none", fmt_pct(acc),
-                          fmt_pts(gains[i]) if i < len(gains) else "—"])
+                          fmt_pts(gains[i]) if i < len(gains) else "—",
+                          f"{pr['fixed']} / {pr['broken']}" if "fixed" in pr and "broken" in pr else "—",
+                          f"{_num(pr.get('p_two_sided')):.2g}" if _num(pr.get("p_two_sided")) is not None else "—"])
         out += [f"<h3>Spread over {_e(d.get('n', len(accs)))} selection draws</h3>",
                 f"<p>held-out accuracy of the adapted model: mean {fmt_pct(d.get('mean'))}, "
                 f"std {fmt_pts(d.get('std'))[1:]}, min {fmt_pct(d.get('min'))}, max {fmt_pct(d.get('max'))}</p>"]
         if drows:
-            out.append(_table(["draw", "plan", "held-out accuracy", "gain over base"], drows, left=2))
+            out.append(_table(["draw", "plan", "held-out accuracy", "gain over base", "fixed / broken",
+                               "McNemar p"], drows, left=2))
     return "\n".join(out)
 
 

@@ -181,6 +181,9 @@ def test_draws_report_the_spread_over_disjoint_selection_samples(tmp_path):
     assert d["n"] == 2 and len(d["test_accuracy"]) == 2 and len(d["plans"]) == 2
     assert d["min"] <= d["mean"] <= d["max"] and d["std"] >= 0
     assert len(d["selection_p_max"]) == 2 and all(0 < p <= 1 for p in d["selection_p_max"])
+    for pair, gain in zip(d["test_paired"], d["test_gain"]):       # each draw judged pairwise on the same rows
+        assert pair["n"] == 16 and pair["fixed"] - pair["broken"] == round(gain * 16)
+    assert d["test_paired"][0] == rep["test"]["paired"]
     base = json.loads((out / "report.json").read_text())["test"]["base"]
     assert base["n"] == 16      # every draw is judged on the same held-out set
     assert (out / "journal.draw1.jsonl").is_file() and not (out / "report").exists()

@@ -130,9 +130,12 @@ def test_twins_are_marked_in_the_candidate_table(real_run, tmp_path):
 def test_draws_spread_is_reported(real_run, tmp_path):
     rep = copy.deepcopy(_report(real_run))
     rep["draws"] = {"n": 3, "plans": [rep["plan"], [], rep["plan"]], "test_accuracy": [0.61, 0.5, 0.705],
-                    "test_gain": [0.11, 0.0, 0.205], "mean": 0.605, "std": 0.1025, "min": 0.5, "max": 0.705}
+                    "test_gain": [0.11, 0.0, 0.205], "mean": 0.605, "std": 0.1025, "min": 0.5, "max": 0.705,
+                    "test_paired": [{"fixed": 17, "broken": 6, "p_two_sided": 0.0347}, None,
+                                    {"fixed": 29, "broken": 8, "p_two_sided": 0.00061}]}
     html = render_report(_write(tmp_path, rep)).read_text()
     assert "Spread over 3 selection draws" in html
+    assert "<td>17 / 6</td>" in html and "<td>0.035</td>" in html and "<td>29 / 8</td>" in html
     for x in ("60.5%", "10.2 pts", "50.0%", "70.5%", "+20.5 pts"):
         assert x in html
     assert "60.5%" in summary_table(rep)
