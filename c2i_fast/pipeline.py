@@ -361,7 +361,8 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
          edits=[c.edit.to_dict() for c in res.best], n_evaluated=len(res.evaluated), seconds=res.seconds)
 
     base_test, adapted_test = _held_out(lm, task, splits["test"], cfg, res.best, timings)
-    _emit(cfg, "held_out", **_held_out_block(base_test, adapted_test))
+    test = _held_out_block(base_test, adapted_test)
+    _emit(cfg, "held_out", **test)
     plan = Plan([c.edit for c in res.best], base_model=lm.model_id,
                 meta={"task": task.name, "seed": cfg.seed, "draw": draw, "samples": cfg.samples})
     if draw == 0 and distributed.is_main():
@@ -379,7 +380,7 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
                    "rank_correlation_predicted_vs_measured": res.rank_correlation, "significance": sig,
                    "candidates": [c.summary() for c in res.candidates]},
         "selection": {"base": _strip(base_sel), "adapted": _strip(res.final)},
-        "test": _held_out_block(base_test, adapted_test),
+        "test": test,
         "forward_passes": {"gradient_pass_rows": forward_rows,
                            "search_layer_passes": res.forward_layer_passes,
                            "layers": n_layers,
