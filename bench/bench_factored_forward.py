@@ -1,14 +1,17 @@
-"""Forward time of an adapted model, factored vs dense, and saved-artifact size vs full model size (CPU).
+"""Forward time of an adapted model, factored vs dense, and saved-artifact size vs full model size (CPU or GPU).
 
     python bench/bench_factored_forward.py                     # default plans: 12 late MLP matrices, ρ=0.1, k ∈ {1, 4}
     python bench/bench_factored_forward.py --plan plan.json    # one case from a saved Plan
+    python bench/bench_factored_forward.py --model random:.gpu/models/smollm2 --device cuda --dtype bfloat16 \
+        --batch 8 --seq 512 --out $OUT/factored_forward-h200.json   # on the GPU machine (bench/gpu_session.sh)
 
-For each case we time (time.perf_counter, warm-up excluded, median and 20/80% quantiles of repeated runs):
+For each case we time (time.perf_counter, after a device synchronize on CUDA; warm-up excluded; median and 20/80%
+quantiles of repeated runs):
   * the whole model's forward on a (batch, seq) batch, dense vs factored (module swap between rounds, so both
     are measured on the same process state, interleaved to spread machine noise over both);
   * the edited matrices alone on the same (batch*seq, in) activations: dense nn.Linear vs factored module.
 Sizes: ``save_adapted`` artifact bytes on disk vs the ``export_dense`` checkpoint's model.safetensors bytes.
-Results go to bench/results/factored_forward-cpu.json with CPU name, versions, threads, load and date.
+Results go to bench/results/factored_forward-<cpu|gpu name>.json with the device, versions, threads, load, date.
 Absolute times hold only for this machine; the ratios measured in one run are the comparable numbers.
 """
 from __future__ import annotations
@@ -38,13 +41,20 @@ def quantiles(ts: list[float]) -> dict:
     return {"median_ms": 1e3 * statistics.median(ts), "p20_ms": 1e3 * qs[1], "p80_ms": 1e3 * qs[7], "n": len(ts)}
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()   # CUDA launches are asynchronous: time the work, not the queueing
+
+
 def time_fn(fn, repeats: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         out.append(time.perf_counter() - t0)
     return out
 
@@ -67,7 +77,8 @@ def bench_case(model, plan: Plan, ids: torch.Tensor, repeats: int, warmup: int, 
     acc = accounting(model)
     # Per-matrix inputs: activations of the right width, one row per token of the batch.
     tokens = ids.numel()
-    xs = {n: torch.randn(tokens, dense_mods[n].in_features) for n in names}
+    w = dense_mods[names[0]].weight
+    xs = {n: torch.randn(tokens, dense_mods[n].in_features).to(w.device, w.dtype) for n in names}
 
     def fwd():
         with torch.inference_mode():
@@ -117,16 +128,21 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "results" / "factored_forward-cpu.json"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/factored_forward-<device>.json)")
     args = ap.parse_args(argv)
+    slug = "cpu" if args.device == "cpu" else \
+        "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name().lower()).strip("-")
+    args.out = args.out or str(ROOT / "results" / f"factored_forward-{slug}.json")
 
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     model = lm.model.eval()
     torch.manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq)).to(args.device)
     plans = [Plan.load(args.plan)] if args.plan else default_plans(model.config.num_hidden_layers, args.rho)
 
     cases = [bench_case(model, p, ids, args.repeats, args.warmup, args.rounds) for p in plans]
@@ -139,14 +155,16 @@ def main(argv=None) -> int:
 
     import transformers
     result = {
-        "bench": "factored_forward", "device": "cpu", "cpu": device_name(), "torch": torch.__version__,
+        "bench": "factored_forward", "device": args.device, "device_name": device_name(), "dtype": args.dtype,
+        "cpu": device_name() if args.device == "cpu" else None, "torch": torch.__version__,
         "transformers": transformers.__version__, "python": sys.version.split()[0],
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "loadavg_1min_at_start": load,
         "loadavg_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": args.model, "input": {"batch": args.batch, "seq": args.seq},
         "timing": {"repeats": args.repeats, "warmup": args.warmup, "rounds": args.rounds,
-                   "clock": "time.perf_counter", "stat": "median (p20/p80) of repeats*rounds runs"},
+                   "clock": "time.perf_counter" + (" between torch.cuda.synchronize()" if args.device != "cpu" else ""),
+                   "stat": "median (p20/p80) of repeats*rounds runs"},
         "cases": cases,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

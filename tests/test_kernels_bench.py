@@ -25,7 +25,8 @@ def test_bench_tiny_writes_json(bench, tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     data = json.loads(out.read_text())
-    assert data["schema"] == doc["schema"] and data["mode"] == "tiny"
+    assert data["schema"] == doc["schema"] and data["mode"] == "tiny" and data["complete"] is True
+    assert [f.name for f in tmp_path.iterdir()] == ["kernels-test.json"]         # no temp file left behind
     for key in ("date", "device", "versions", "ceilings", "cases", "goals", "skipped", "timing"):
         assert key in data
     assert data["device"]["name"] and data["versions"]["torch"] == torch.__version__ and "triton" in data["versions"]
@@ -50,3 +51,27 @@ def test_bench_tiny_writes_json(bench, tmp_path, monkeypatch):
         lr = next(c for c in data["cases"] if c["op"] == "lowrank")
         assert "CUDA" in lr["impls"]["triton.launcher"]["skipped"]
         assert all(g["status"].startswith("not measured") for g in data["goals"])
+
+
+def test_bench_cut_short_leaves_finished_cases(bench, tmp_path, monkeypatch):
+    """The GPU machine kills a run at its time limit: every case finished by then is on disk, marked incomplete."""
+    real, calls = bench.run_case, []
+
+    def run_then_die(*a, **k):
+        if calls:
+            raise KeyboardInterrupt("time limit")
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench, "run_case", run_then_die)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path / "kernels-cut.json"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bench.main(["--tiny", "--ops", "lowrank", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads(out.read_text())
+    assert data["complete"] is False and len(data["cases"]) == 1 and data["cases"][0]["op"] == "lowrank"
+    assert data["cases"][0]["impls"]["dense.matmul"]["median_ms"] > 0

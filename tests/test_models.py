@@ -65,3 +65,31 @@ def test_unknown_architecture_is_named():
         target_matrices(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(C2IError, match="unknown matrix type"):
         target_matrices(_build("llama"), ["ffn"])
+
+
+def test_random_weights_of_a_real_architecture(smollm2, tmp_path):
+    """`random:<spec>` (the GPU benches' model: SmolLM2's weights cannot travel there): SmolLM2's shapes and
+    tokenizer from a directory of config + tokenizer files only, seeded weights, the global RNG left alone."""
+    from c2i_fast.models import load_model, save_architecture
+
+    arch = save_architecture("smollm2", tmp_path / "arch")
+    assert (arch / "config.json").is_file() and (arch / "tokenizer.json").is_file()
+    assert not list(arch.glob("*.safetensors")) and not list(arch.glob("*.bin"))   # no weights travel
+    rng = torch.random.get_rng_state()
+    a, b = load_model(f"random:{arch}"), load_model(f"random:{arch}")
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    real = {n: p.shape for n, p in smollm2.model.named_parameters()}
+    assert {n: p.shape for n, p in a.model.named_parameters()} == real
+    text = "Consider the following claim: water is wet."
+    assert a.tokenizer(text).input_ids == smollm2.tokenizer(text).input_ids
+    name = "model.layers.3.mlp.down_proj.weight"
+    wa, wb = a.model.get_parameter(name), b.model.get_parameter(name)
+    assert torch.equal(wa, wb)                                            # seeded: the same bench model each run
+    assert not torch.allclose(wa, smollm2.model.get_parameter(name))      # and not the real weights
+    assert {r.name for r in target_matrices(a.model)} == {r.name for r in target_matrices(smollm2.model)}
+    with pytest.raises(C2IError, match="name the architecture"):
+        load_model("random:")
+    with pytest.raises(C2IError, match="drop device_map"):
+        load_model(f"random:{arch}", device_map="auto")
+    with pytest.raises(C2IError, match="does not exist"):
+        load_model(f"random:{tmp_path / 'nowhere'}")
