@@ -2,7 +2,7 @@
 # One prepared run for the GPU machine (device time is scarce: 15 min a session, machine start included), in
 # order of what matters most, each step under the time left of one budget, every result written to $OUT:
 #   1. versions, nvidia-smi                          → $OUT/env.txt
-#   2. the Triton kernel tests on CUDA tensors       → session.log (pytest summary)
+#   2. the Triton kernel tests on CUDA tensors, and the factored model through them → session.log (pytest)
 #   3. the search bench on FEVER (a, b, c; random weights of SmolLM2's shapes)  → $OUT/search-gpu-fever.json
 #   4. the kernel bench, --quick (JSON rewritten after every case)            → $OUT/kernels-gpu-quick.json
 #   5. the factored-forward bench (bf16, batch 8 × 512)                       → $OUT/factored_forward-gpu.json
@@ -55,6 +55,9 @@ if [ "$REHEARSAL" != 1 ]; then   # the machine is bare: install the checkout (it
   step install 90 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
 fi
 step kernel-tests 130 "$PY" -m pytest -q -p no:cacheprovider --no-header -rs $TESTS
+# the factored SmolLM2 (random weights) through the compiled kernels vs the torch reference, on CUDA
+C2I_TEST_MODEL="$MODEL" step kernels-in-model 60 "$PY" -m pytest -q -p no:cacheprovider --no-header -rs \
+  tests/test_kernels_in_model.py -k "logits or copy"
 step search-fever 150 "$PY" bench/bench_search.py --model "$MODEL" --task fever $SEARCH --no-laser-selection \
   --seed 0 --out "$OUT/search-gpu-fever.json"
 step kernel-bench 120 "$PY" bench/bench_kernels.py $KBENCH --out "$OUT/kernels-gpu-quick.json"

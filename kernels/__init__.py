@@ -15,12 +15,26 @@ One file per op (Triton kernels → launcher → registered op → autograd):
 
 triton is optional: without it everything imports and runs the references.
 """
-from . import naive  # noqa: F401
-from .clustered import clustered_lowrank_matmul  # noqa: F401
-from .lowrank import lowrank_matmul  # noqa: F401
-from .reconstruct import clustered_reconstruct  # noqa: F401
-from .rsvd import pad_blocks, randomized_svd, randomized_svd_blocks  # noqa: F401
-from .utils import HAS_TRITON, backend, use_triton  # noqa: F401
+import sys as _sys
+
+if __name__.split(".")[0] != "c2i_fast":
+    # Imported as a top-level `kernels`: the checkout's root is on sys.path (`python -m pytest`, `python -c` there)
+    # and transformers probes for Hugging Face's `kernels` package by importing that name. Running this package
+    # a second time under another name would register the torch.ops.c2i.* ops again, and the second
+    # registration would take over from c2i_fast.kernels' (its module globals, its monkeypatches). Be
+    # c2i_fast.kernels instead; where that is not importable (an uninstalled checkout), stay an empty module.
+    try:
+        import importlib as _importlib
+        _sys.modules[__name__] = _importlib.import_module("c2i_fast.kernels")
+    except ImportError:
+        pass
+else:
+    from . import naive  # noqa: F401
+    from .clustered import clustered_lowrank_matmul  # noqa: F401
+    from .lowrank import lowrank_matmul  # noqa: F401
+    from .reconstruct import clustered_reconstruct  # noqa: F401
+    from .rsvd import pad_blocks, randomized_svd, randomized_svd_blocks  # noqa: F401
+    from .utils import HAS_TRITON, backend, use_triton  # noqa: F401
 
 __all__ = ["lowrank_matmul", "clustered_lowrank_matmul", "clustered_reconstruct", "randomized_svd",
            "randomized_svd_blocks", "pad_blocks", "naive", "backend", "use_triton", "HAS_TRITON"]
