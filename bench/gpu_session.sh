@@ -54,6 +54,13 @@ cat "$OUT/env.txt"
 if [ "$REHEARSAL" != 1 ]; then   # the machine is bare: install the checkout (its dependencies are all there)
   step install 90 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
 fi
+if ! (cd / && "$PY" -c "import c2i_fast.kernels"); then
+  # No install: this copy of the checkout is thrown away after the call, so put kernels/ where the package
+  # expects it (c2i_fast/kernels) and the checkout on the path — the same modules the install maps.
+  log "c2i_fast not importable after the install: falling back to c2i_fast/kernels -> ../kernels + PYTHONPATH"
+  ln -sfn ../kernels c2i_fast/kernels
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 step kernel-tests 130 "$PY" -m pytest -q -p no:cacheprovider --no-header -rs $TESTS
 # the factored SmolLM2 (random weights) through the compiled kernels vs the torch reference, on CUDA
 C2I_TEST_MODEL="$MODEL" step kernels-in-model 60 "$PY" -m pytest -q -p no:cacheprovider --no-header -rs \
