@@ -49,6 +49,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from c2i_fast.evaluate import Scorer  # noqa: E402
+from c2i_fast.models import RANDOM_PREFIX  # noqa: E402
 from c2i_fast.pipeline import AdaptConfig, LaserConfig, adapt, device_name, laser, versions  # noqa: E402
 
 LASER_VAL_FRACTION = 0.2          # LASER selects on the first 20 % of each dataset (METHOD.md §2.3)
@@ -139,7 +140,7 @@ def run(args) -> dict:
              "c_vs_paper_faithful_speedup": rows["c2i_paper_faithful"]["time_vs_c2i_fast"],
              # random weights (GPU runs): accuracies mean nothing, so the accuracy goal is not judged
              "held_out_c_minus_laser": None if rows["laser_faithful"]["plan"] is None
-             or str(args.model).startswith("random:") else
+             or str(args.model).startswith(RANDOM_PREFIX) else
                  rows["c2i_fast"]["test_adapted_accuracy"] - rows["laser_faithful"]["test_adapted_accuracy"]}
     goals["met"] = {"200x_vs_laser": goals["c_vs_laser_faithful_speedup"] >= 200,
                     "4x_vs_paper_faithful": goals["c_vs_paper_faithful_speedup"] >= 4,
@@ -201,7 +202,7 @@ def _laser_faithful(args, layers=None) -> dict:
     from c2i_fast.transform import Edit
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device or _default_device())
+    lm = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     task = check_tokenization(load_task(args.task), lm.tokenizer)
     n_val = int(LASER_VAL_FRACTION * len(task.examples))
     rng = random.Random(args.seed)
@@ -234,10 +235,6 @@ def _laser_faithful(args, layers=None) -> dict:
     return out
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()   # CUDA work is asynchronous: time it, not its queueing
@@ -245,7 +242,7 @@ def _sync() -> None:
 
 def table(res: dict) -> str:
     a = res["args"]
-    random_weights = str(a["model"]).startswith("random:")
+    random_weights = str(a["model"]).startswith(RANDOM_PREFIX)
     lines = [f"{res['device']}, {res['threads']} thread(s), {res['date']}; SmolLM2 ({a['model']}"
              + (", RANDOM weights: timings only, selections and accuracies mean nothing" if random_weights else "")
              + f"; {a.get('dtype', 'float32')}), task "
@@ -310,7 +307,7 @@ def main():
                     help="restrict LASER's grid (smoke runs only; the table is then not LASER's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                     help="model weights of every row (SVDs and accumulation stay fp32)")
     ap.add_argument("--out", required=True)

@@ -206,9 +206,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
         raise C2IError(f"model {spec!r}: name the architecture after {RANDOM_PREFIX!r}, e.g. random:smollm2")
     if random_weights and device_map is not None:
         raise C2IError(f"model {spec!r}: random weights are built on one device; drop device_map={device_map!r}")
-    directory, gguf = resolve_source(inner)
-    if gguf is not None:
-        directory = _converted(directory, gguf, dtype)
+    directory = _local_dir(inner, dtype)
     try:
         config = AutoConfig.from_pretrained(directory)
     except Exception as e:  # noqa: BLE001 - transformers raises many types
@@ -234,8 +232,12 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     return LoadedModel(model, tok, spec, masked, time.perf_counter() - t0)
 
 
-def _converted(directory: str, gguf: str, dtype: torch.dtype) -> str:
-    """The cached safetensors copy of a GGUF file, converted on first use."""
+def _local_dir(spec: str, dtype: torch.dtype) -> str:
+    """The directory (or hub id) transformers loads ``spec`` from: for a GGUF file, its cached safetensors copy,
+    converted on first use."""
+    directory, gguf = resolve_source(spec)
+    if gguf is None:
+        return directory
     cached = _gguf_cache_dir(directory, gguf, dtype)
     if not (cached / "config.json").is_file():
         _convert_gguf(directory, gguf, dtype, cached)
@@ -247,9 +249,7 @@ def save_architecture(spec: str, out: str | Path) -> Path:
     ``random:<out>`` where the weights cannot travel (the GPU machine takes 64 MiB per call; SmolLM2 is 93 MB)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    directory, gguf = resolve_source(spec)
-    if gguf is not None:
-        directory = _converted(directory, gguf, torch.float32)
+    directory = _local_dir(spec, torch.float32)
     return _save_dir(Path(out), [AutoConfig.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)],
                      {"architecture_of": spec, "weights": None})
 

@@ -36,5 +36,5 @@ else:
     from .rsvd import pad_blocks, randomized_svd, randomized_svd_blocks  # noqa: F401
     from .utils import HAS_TRITON, backend, use_triton  # noqa: F401
 
-__all__ = ["lowrank_matmul", "clustered_lowrank_matmul", "clustered_reconstruct", "randomized_svd",
-           "randomized_svd_blocks", "pad_blocks", "naive", "backend", "use_triton", "HAS_TRITON"]
+    __all__ = ["lowrank_matmul", "clustered_lowrank_matmul", "clustered_reconstruct", "randomized_svd",
+               "randomized_svd_blocks", "pad_blocks", "naive", "backend", "use_triton", "HAS_TRITON"]
