@@ -182,7 +182,8 @@ def resolve_source(spec: str) -> tuple[str, str | None]:
 
 def _gguf_cache_dir(directory: str, fname: str, dtype: torch.dtype) -> Path:
     st = (Path(directory) / fname).stat()
-    key = hashlib.sha256(f"{Path(directory).resolve()}/{fname}:{st.st_size}:{int(st.st_mtime)}:{dtype}"
+    # v2: special tokens set from the file (_set_special_tokens); copies converted before are made again
+    key = hashlib.sha256(f"v2:{Path(directory).resolve()}/{fname}:{st.st_size}:{int(st.st_mtime)}:{dtype}"
                          .encode()).hexdigest()[:16]
     return _cache_root() / "converted" / f"{Path(fname).stem}-{key}"
 
@@ -290,9 +291,37 @@ def _convert_gguf(directory: str, fname: str, dtype: torch.dtype, out: Path) -> 
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=fname, dtype=dtype)
     except Exception as e:  # noqa: BLE001
         raise C2IError(f"cannot read GGUF file {Path(directory) / fname}: {e}") from e
+    _set_special_tokens(tok, _gguf_special_token_ids(Path(directory) / fname))
     # save_pretrained refuses "quantized with gguf" models; the weights are already dequantized floats.
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     _save_dir(out, [model, tok], {"gguf": str(Path(directory) / fname)})
+
+
+_GGUF_SPECIAL = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}
+
+
+def _gguf_special_token_ids(path: Path) -> dict[str, int]:
+    """The special-token ids a GGUF file declares (``tokenizer.ggml.*_token_id``), e.g. {'eos': 2, 'pad': 2}."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    ids = {}
+    for name, key in _GGUF_SPECIAL.items():
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is not None and field.data:
+            ids[name] = int(field.parts[field.data[0]][0])
+    return ids
+
+
+def _set_special_tokens(tok, ids: dict[str, int]) -> None:
+    """Make the tokenizer's bos/eos/unk/pad tokens those of ``ids`` (from the GGUF file). transformers 5.17
+    read SmolLM2's eos as <|im_start|> and left it without a pad token, where the file (and 5.24) say
+    <|im_end|> for both: generation then stops at the wrong token and padded batches fail."""
+    vocab = len(tok)
+    for name, token_id in ids.items():
+        if 0 <= token_id < vocab and getattr(tok, f"{name}_token_id") != token_id:
+            setattr(tok, f"{name}_token", tok.convert_ids_to_tokens(token_id))
+

@@ -94,13 +94,19 @@ def clustered_tu(t: torch.Tensor, u_packed: torch.Tensor, row_index: torch.Tenso
                  row_offsets: torch.Tensor, rank_offsets: torch.Tensor, bias: torch.Tensor | None,
                  out_dtype: torch.dtype, **cfg) -> torch.Tensor:
     """Stage 2. t: (M, R) fp32 -> y (M, m) out_dtype at original row positions. ``cfg`` overrides entries
-    of ``lowrank.tu_config`` (the same tiles; BLOCK_R covers r_max instead of R)."""
+    of ``lowrank.tu_config`` (the same tiles, but 64 columns wide in prefill; BLOCK_R covers r_max instead of
+    R)."""
     M = t.shape[0]
     N, r_max = u_packed.shape
     y = alloc((M, N), out_dtype, t.device)
     if M == 0 or N == 0:
         return y
-    c = {**tu_config(M, N, r_max, u_packed.dtype), **{k: v for k, v in cfg.items() if v is not None}}
+    c = tu_config(M, N, r_max, u_packed.dtype)
+    if c["T_MODE"] == "lowp":
+        # The cluster loop's masks and offsets cost registers the plain kernel does not need: a 128×128 tile
+        # spills with triton 3.6 (256 bytes on sm_90); 128×64 does not, with 3.6 or 3.9 (compile_check).
+        c["BLOCK_N"] = 64
+    c.update({k: v for k, v in cfg.items() if v is not None})
     grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
     launchable(_clustered_tu_kernel)[grid](
         t, u_packed, row_index, row_offsets, rank_offsets, bias if bias is not None else t, y,

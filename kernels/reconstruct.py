@@ -73,7 +73,8 @@ def clustered_reconstruct_triton(v_cat, u_packed, row_index, row_offsets, rank_o
     if B and m and n:
         stride_ib = row_index.stride(0) if row_index.dim() == 2 else 0
         block_p, block_n = 64, 64
-        block_r = max(16, min(32 if v_cat.dtype == torch.float32 else 64, next_pow2(u_packed.shape[2])))
+        # fp32 rank slices of 16: at 32 the fp32 tile spills with triton 3.6 (24 bytes on sm_90; compile_check)
+        block_r = max(16, min(16 if v_cat.dtype == torch.float32 else 64, next_pow2(u_packed.shape[2])))
         grid = (triton.cdiv(m, block_p), triton.cdiv(n, block_n), B)
         launchable(_reconstruct_kernel)[grid](
             v_cat, u_packed, row_index, row_offsets, rank_offsets, w, m, n, row_offsets.numel() - 1,

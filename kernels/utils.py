@@ -85,6 +85,36 @@ def alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
 _INTERPRETED: dict = {}
 
 
+class InterpreterUnavailable(RuntimeError):
+    """TRITON_INTERPRET=1 was asked for, but this triton's interpreter cannot run the kernels here."""
+
+
+def _interpreter_probe(out_ptr, n):   # interpreted only: a loop whose bound is a runtime integer argument
+    for i in range(0, n):
+        tl.store(out_ptr + i, 1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> str | None:
+    """Why triton's interpreter cannot run the kernels on this machine, or None if it can (probed once).
+
+    Triton ≤ 3.6's interpreter turns a runtime loop bound into ``int(<1-element array>)``, which numpy ≥ 2.4
+    refuses ('only 0-dimensional arrays can be converted to Python scalars'), so every kernel here with a
+    loop over K or over the rank would fail. Compiled kernels on a GPU are not affected."""
+    if not HAS_TRITON:
+        return "triton is not installed"
+    from triton.runtime.interpreter import InterpretedFunction
+    out = torch.zeros(2)
+    try:
+        InterpretedFunction(_interpreter_probe)[(1,)](out, 2)
+    except Exception as e:  # noqa: BLE001 - any failure of the probe means the kernels cannot be interpreted
+        import numpy
+        return (f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run loops here with numpy "
+                f"{numpy.__version__}: {e!r}. Use a newer triton (3.9 works) or numpy < 2.4; on a GPU the "
+                f"compiled kernels are not affected.")
+    return None if bool((out == 1).all()) else "triton's interpreter ran a probe kernel wrongly"
+
+
 def launchable(kernel):
     """The kernel to launch: its interpreter twin when TRITON_INTERPRET=1 was set only after the kernel
     module was imported (``@triton.jit`` picks compiled vs. interpreted when it decorates). For this to
@@ -92,6 +122,9 @@ def launchable(kernel):
     triton's import too. Use ``(a + b - 1) // b`` and ``tl.full``."""
     if not interpret():
         return kernel
+    problem = interpreter_problem()
+    if problem:
+        raise InterpreterUnavailable(problem)
     from triton.runtime.interpreter import InterpretedFunction
     if isinstance(kernel, InterpretedFunction):
         return kernel

@@ -1,5 +1,8 @@
 """Matrix enumeration per architecture family. Structure only: the models are built from small configs with
 random weights (no claim about accuracy is made here); the real-weights checks use SmolLM2 elsewhere."""
+import copy
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -93,3 +96,25 @@ def test_random_weights_of_a_real_architecture(smollm2, tmp_path):
         load_model(f"random:{arch}", device_map="auto")
     with pytest.raises(C2IError, match="does not exist"):
         load_model(f"random:{tmp_path / 'nowhere'}")
+
+
+def test_gguf_special_tokens_are_the_files(smollm2):
+    """The converted tokenizer's bos/eos/unk/pad are those the GGUF file declares (transformers 5.17 read
+    SmolLM2's eos as <|im_start|> and gave it no pad token; the loader now sets them from the file)."""
+    from c2i_fast.models import _gguf_special_token_ids, _set_special_tokens, resolve_source
+
+    directory, fname = resolve_source("smollm2")
+    ids = _gguf_special_token_ids(Path(directory) / fname)
+    assert ids == {"bos": 1, "eos": 2, "unk": 0, "pad": 2}
+    tok = smollm2.tokenizer
+    assert {name: getattr(tok, f"{name}_token_id") for name in ids} == ids
+    assert tok.eos_token == tok.pad_token == "<|im_end|>"
+    # what 5.17 produced, repaired: a copy of the tokenizer with the wrong eos and no pad
+    bad = copy.deepcopy(tok)
+    bad.eos_token, bad.pad_token = "<|im_start|>", None
+    assert bad.pad_token_id is None and bad.eos_token_id == 1
+    _set_special_tokens(bad, ids)
+    assert (bad.eos_token_id, bad.pad_token_id, bad.bos_token_id) == (2, 2, 1)
+    assert bad(["a b c", "a"], padding=True).input_ids[1][-1] == 2          # padded batches work again
+    _set_special_tokens(bad, {"pad": 10 ** 9})                             # an id outside the vocabulary: ignored
+    assert bad.pad_token_id == 2
