@@ -92,7 +92,9 @@ def ptxas_info(ptx: str, arch: int = 90) -> dict:
             src = os.path.join(d, "k.ptx")
             with open(src, "w") as f:
                 f.write(ptx)
-            res = subprocess.run([path, "-v", f"--gpu-name=sm_{arch}a", src, "-o", os.path.join(d, "k.cubin")],
+            # the 'a' (architecture-specific: wgmma) targets exist from sm_90 on; sm_80a does not
+            gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+            res = subprocess.run([path, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.cubin")],
                                  capture_output=True, text=True)
         if res.returncode:
             continue
