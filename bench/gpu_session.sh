@@ -61,7 +61,12 @@ if ! (cd / && "$PY" -c "import c2i_fast.kernels"); then
   ln -sfn ../kernels c2i_fast/kernels
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-step kernel-tests 130 "$PY" -m pytest -q -p no:cacheprovider --no-header -rs $TESTS
+# Triton compiles every kernel specialization at its first launch, one at a time: these tests launch ~300 (208
+# distinct on the CPU without bf16), ~0.3-0.5 s each. Spread them over processes where pytest-xdist is there
+# (the GPU image has it).
+XDIST=""
+if "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n ${C2I_GPU_WORKERS:-8}"; fi
+step kernel-tests 130 "$PY" -m pytest -q -p no:cacheprovider --no-header -rs $XDIST $TESTS
 # the factored SmolLM2 (random weights) through the compiled kernels vs the torch reference, on CUDA
 C2I_TEST_MODEL="$MODEL" step kernels-in-model 60 "$PY" -m pytest -q -p no:cacheprovider --no-header -rs \
   tests/test_kernels_in_model.py -k "logits or copy"
