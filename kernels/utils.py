@@ -98,9 +98,9 @@ def _interpreter_probe(out_ptr, n):   # interpreted only: a loop whose bound is 
 def interpreter_problem() -> str | None:
     """Why triton's interpreter cannot run the kernels on this machine, or None if it can (probed once).
 
-    Triton ≤ 3.6's interpreter turns a runtime loop bound into ``int(<1-element array>)``, which numpy ≥ 2.4
-    refuses ('only 0-dimensional arrays can be converted to Python scalars'), so every kernel here with a
-    loop over K or over the rank would fail. Compiled kernels on a GPU are not affected."""
+    Triton 3.6's interpreter (3.9's is fixed) turns a runtime loop bound into ``int(<1-element array>)``, which
+    numpy ≥ 2.4 refuses ('only 0-dimensional arrays can be converted to Python scalars'), so every kernel here
+    with a loop over K or over the rank would fail. Compiled kernels on a GPU are not affected."""
     if not HAS_TRITON:
         return "triton is not installed"
     from triton.runtime.interpreter import InterpretedFunction

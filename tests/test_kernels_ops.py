@@ -332,7 +332,7 @@ def test_dispatch_defaults_to_reference_on_cpu(monkeypatch):
 
 @needs_triton
 def test_interpreter_problem_gives_one_clear_error(monkeypatch):
-    """Where triton's interpreter cannot run loops (triton ≤ 3.6 with numpy ≥ 2.4) a launch under
+    """Where triton's interpreter cannot run loops (triton 3.6 with numpy ≥ 2.4) a launch under
     TRITON_INTERPRET=1 raises InterpreterUnavailable naming the versions, not an error from deep inside triton."""
     utils = sys.modules[K.__name__ + ".utils"]
     problem = utils.interpreter_problem()          # the real probe, on this machine's triton and numpy
