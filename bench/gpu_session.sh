@@ -16,6 +16,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/c2i-gpu-out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
+# a relative interpreter path (PY=.venv/bin/python) must still work from elsewhere: the import check runs in /
+case $PY in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
 REHEARSAL=${C2I_GPU_REHEARSAL:-0}
 BUDGET=${C2I_GPU_BUDGET_S:-500}          # seconds for every step together; the call's timeout_s must exceed it
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false C2I_DATA="$PWD/.gpu/data"

@@ -324,4 +324,3 @@ def _set_special_tokens(tok, ids: dict[str, int]) -> None:
     for name, token_id in ids.items():
         if 0 <= token_id < vocab and getattr(tok, f"{name}_token_id") != token_id:
             setattr(tok, f"{name}_token", tok.convert_ids_to_tokens(token_id))
-

@@ -76,4 +76,3 @@ def test_every_kernel_compiles_for_sm80():
     assert {r["kernel"] for r in rows} == {"_xv_kernel", "_tu_kernel", "_clustered_tu_kernel", "_reconstruct_kernel",
                                            "_bmm_kernel"}
     assert all(r["smem_ok"] and r["mma"] == "mma.sync" and r["regs"] for r in rows), json.dumps(rows, indent=1)
-
