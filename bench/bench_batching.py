@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from c2i_fast.evaluate import Scorer  # noqa: E402
 from c2i_fast.models import load_model  # noqa: E402
-from c2i_fast.pipeline import device_name, versions  # noqa: E402
+from c2i_fast.io import device_name, versions  # noqa: E402
 from c2i_fast.tasks import check_tokenization, load_task, split  # noqa: E402
 
 LAYOUTS = (("whole rows, full batches", False, 10 ** 9), ("shared prefix, full batches", True, 10 ** 9),

@@ -30,7 +30,7 @@ import torch
 
 from c2i_fast.artifacts import accounting, export_dense, save_adapted
 from c2i_fast.models import load_model
-from c2i_fast.pipeline import device_name
+from c2i_fast.io import device_name
 from c2i_fast.transform import Edit, Plan, factored_modules, factorize_, restore_
 
 ROOT = Path(__file__).resolve().parent

@@ -32,40 +32,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # busy-waiting OpenMP thre
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_kernels():
-    """c2i_fast.kernels, installed or (uninstalled checkout) straight from ./kernels."""
-    if "c2i_fast.kernels" in sys.modules:
-        return sys.modules["c2i_fast.kernels"]
-    try:
-        return importlib.import_module("c2i_fast.kernels")
-    except Exception:
-        if "c2i_fast.kernels" in sys.modules:
-            raise
-    root = REPO / "kernels"
-    spec = importlib.util.spec_from_file_location("c2i_fast.kernels", root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["c2i_fast.kernels"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
+from _common import REPO, load_kernels  # noqa: E402
 
 K = load_kernels()
 CUDA = torch.cuda.is_available()

@@ -49,8 +49,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from c2i_fast.evaluate import Scorer  # noqa: E402
+from c2i_fast.io import device_name, versions  # noqa: E402
 from c2i_fast.models import RANDOM_PREFIX  # noqa: E402
-from c2i_fast.pipeline import AdaptConfig, LaserConfig, adapt, device_name, laser, versions  # noqa: E402
+from c2i_fast.pipeline import AdaptConfig, LaserConfig, adapt, laser  # noqa: E402
 
 LASER_VAL_FRACTION = 0.2          # LASER selects on the first 20 % of each dataset (METHOD.md §2.3)
 
@@ -106,8 +107,9 @@ def run(args) -> dict:
                     raise SystemExit(f"--laser-report {args.laser_report}: {k} is {got!r}, this bench uses {want!r}")
         elif not args.no_laser_selection:
             layers = tuple(args.laser_layers) if args.laser_layers else None     # smoke runs only
+            laser_common = {k: common[k] for k in ("model", "task", "seed", "progress", "threads")}
             a = laser(LaserConfig(out=str(work / "a"), val_size=args.samples, test_size=args.test_size,
-                                  layers=layers, **common))
+                                  layers=layers, **laser_common))      # LaserConfig has no dtype/device
         if a is not None:
             rows["laser_cached_evaluator"] = {
                 **_selection(a), "wall_seconds": a["timings"]["total"], "extrapolated": False,

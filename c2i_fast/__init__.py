@@ -8,24 +8,50 @@ One-call API::
     c2i_fast.restore_(lm.model)
 
     report = c2i_fast.adapt(c2i_fast.AdaptConfig(model="smollm2", task="fever", out="out"))
+
+The names below are loaded on first use (``__getattr__``), so ``import c2i_fast`` stays cheap (no torch or
+transformers import); the ``TYPE_CHECKING`` imports let type checkers and IDEs see them.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import C2IError
+
 __version__ = "0.1.0"
 
-from .errors import C2IError  # noqa: F401,E402
+# public name → the module (of this package) that defines it
+_LAZY = {
+    "LowRankLinear": "nn", "ClusteredLowRankLinear": "nn",
+    "factorize_": "transform", "restore_": "transform", "Plan": "transform", "Edit": "transform",
+    "save_adapted": "artifacts", "load_adapted": "artifacts", "export_dense": "artifacts",
+    "accounting": "artifacts", "fingerprint": "artifacts",
+    "load_model": "models", "target_matrices": "models",
+    "load_task": "tasks",
+    "adapt": "pipeline", "laser": "pipeline", "evaluate_model": "pipeline",
+    "AdaptConfig": "pipeline", "LaserConfig": "pipeline", "EvalConfig": "pipeline",
+}
+
+__all__ = ["C2IError", "__version__", *_LAZY]
+
+if TYPE_CHECKING:
+    from .artifacts import accounting, export_dense, fingerprint, load_adapted, save_adapted
+    from .models import load_model, target_matrices
+    from .nn import ClusteredLowRankLinear, LowRankLinear
+    from .pipeline import AdaptConfig, EvalConfig, LaserConfig, adapt, evaluate_model, laser
+    from .tasks import load_task
+    from .transform import Edit, Plan, factorize_, restore_
 
 
-def __getattr__(name):
-    # Lazy exports: `import c2i_fast` stays cheap (no transformers import) until a name is used.
-    import importlib
-    where = {
-        "LowRankLinear": "nn", "ClusteredLowRankLinear": "nn",
-        "factorize_": "transform", "restore_": "transform", "Plan": "transform", "Edit": "transform",
-        "save_adapted": "artifacts", "load_adapted": "artifacts", "export_dense": "artifacts",
-        "accounting": "artifacts", "fingerprint": "artifacts",
-        "load_model": "models", "target_matrices": "models",
-        "load_task": "tasks", "adapt": "pipeline", "laser": "pipeline", "AdaptConfig": "pipeline",
-        "LaserConfig": "pipeline",
-    }
-    if name in where:
-        return getattr(importlib.import_module(f".{where[name]}", __name__), name)
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value          # later lookups skip this function
+        return value
     raise AttributeError(f"module 'c2i_fast' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public API (loaded or not) and the module's dunder names."""
+    return sorted(set(__all__) | {n for n in globals() if n.startswith("__")})

@@ -11,22 +11,22 @@ transformers loads without c2i_fast.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .decompose import ClusteredFactors, LowRankFactors, assign_clusters, rank_for
+from .decompose import ClusteredFactors, LowRankFactors, cluster_labels, rank_for
 from .errors import C2IError
-from .nn import ClusteredLowRankLinear, LowRankLinear, is_conv1d
-from .transform import (Plan, _locate, _umask, atomic_write_text, base_named_parameters, current_plan, edit_of,
-                        factored_modules, factorize_, is_factored, original_of, restore_)
+from .io import atomic_directory, atomic_write_text, umask
+from .nn import ClusteredLowRankLinear, LowRankLinear, is_conv1d, linear_weight
+from .transform import (Plan, base_named_parameters, current_plan, edit_of, factored_modules, factorize_,
+                        is_factored, locate, original_of, restore_)
 
 ADAPTED_FILE = "adapted.safetensors"
 PLAN_FILE = "plan.json"
@@ -99,30 +99,27 @@ def save_adapted(model: nn.Module, plan: Plan | None, directory: str | os.PathLi
     out = Plan(plan.edits, base_model=plan.base_model, fingerprint=fingerprint(model), meta=meta)
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    new_dir = not directory.exists()
-    work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent)) if new_dir else directory
-    if new_dir:
-        os.chmod(work, 0o777 & ~_umask())     # mkdtemp makes 0700; the final directory gets the usual mode
-    tmp_tensors = work / (ADAPTED_FILE if new_dir else f".{ADAPTED_FILE}.tmp-{os.getpid()}")
-    try:
+
+    def write_tensors(path: Path) -> dict:
         # One metadata key: safetensors writes the metadata map in hash order, so two keys would make the
         # file bytes (and the checksum in plan.json) differ from run to run.
-        save_file(tensors, str(tmp_tensors), metadata={"c2i_fast": ARTIFACT_FORMAT})
-        os.chmod(tmp_tensors, 0o666 & ~_umask())
-        out.meta = {**meta, "artifact": {"format": ARTIFACT_FORMAT, "file": ADAPTED_FILE,
-                                         "sha256": _file_sha256(tmp_tensors),
-                                         "bytes": tmp_tensors.stat().st_size}}
-        if new_dir:
+        save_file(tensors, str(path), metadata={"c2i_fast": ARTIFACT_FORMAT})
+        os.chmod(path, 0o666 & ~umask())
+        return {"format": ARTIFACT_FORMAT, "file": ADAPTED_FILE, "sha256": _file_sha256(path),
+                "bytes": path.stat().st_size}
+
+    if not directory.exists():       # the directory appears complete or not at all
+        with atomic_directory(directory) as work:
+            out.meta = {**meta, "artifact": write_tensors(work / ADAPTED_FILE)}
             (work / PLAN_FILE).write_text(json.dumps(out.to_json(), indent=2) + "\n")
-            os.replace(work, directory)      # atomic: the directory appears complete or not at all
-        else:
-            os.replace(tmp_tensors, directory / ADAPTED_FILE)
-            atomic_write_text(directory / PLAN_FILE, json.dumps(out.to_json(), indent=2) + "\n")
+        return directory
+    tmp_tensors = directory / f".{ADAPTED_FILE}.tmp-{os.getpid()}"
+    try:
+        out.meta = {**meta, "artifact": write_tensors(tmp_tensors)}
+        os.replace(tmp_tensors, directory / ADAPTED_FILE)
+        atomic_write_text(directory / PLAN_FILE, json.dumps(out.to_json(), indent=2) + "\n")
     finally:
-        if new_dir and work.exists():
-            shutil.rmtree(work, ignore_errors=True)
-        elif not new_dir and tmp_tensors.exists():
+        if tmp_tensors.exists():
             tmp_tensors.unlink()
     return directory
 
@@ -225,31 +222,27 @@ def export_dense(model: nn.Module, directory: str | os.PathLike, tokenizer=None)
     saved_cfg = {k: config.__dict__.get(k, missing)
                  for k in ("quantization_config", "tie_word_embeddings", "dtype", "architectures")}
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    new_dir = not directory.exists()
-    work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent)) if new_dir else directory
-    if new_dir:
-        os.chmod(work, 0o777 & ~_umask())     # mkdtemp makes 0700; the final directory gets the usual mode
+    # a new directory appears complete or not at all; an existing one is written into
+    target = atomic_directory(directory) if not directory.exists() else contextlib.nullcontext(directory)
     try:
-        for name, mod in fm.items():
-            parent, attr, _ = _locate(model, name)
-            swaps.append((parent, attr, mod))
-            setattr(parent, attr, _dense_copy(mod))
-        # Dequantized GGUF models still carry the quantizer, which makes save_pretrained refuse. Their
-        # weights are plain floats by now, so saving them unquantized is what we want.
-        if saved_attrs["hf_quantizer"] is not missing:
-            model.__dict__["hf_quantizer"] = None
-        if saved_attrs["is_quantized"] is not missing:
-            model.__dict__["is_quantized"] = False
-        if saved_cfg["quantization_config"] is not missing:
-            config.__dict__.pop("quantization_config")
-        if untie:
-            config.tie_word_embeddings = False
-        model.save_pretrained(work)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(work)
-        if new_dir:
-            os.replace(work, directory)
+        with target as work:
+            for name, mod in fm.items():
+                parent, attr, _ = locate(model, name)
+                swaps.append((parent, attr, mod))
+                setattr(parent, attr, _dense_copy(mod))
+            # Dequantized GGUF models still carry the quantizer, which makes save_pretrained refuse. Their
+            # weights are plain floats by now, so saving them unquantized is what we want.
+            if saved_attrs["hf_quantizer"] is not missing:
+                model.__dict__["hf_quantizer"] = None
+            if saved_attrs["is_quantized"] is not missing:
+                model.__dict__["is_quantized"] = False
+            if saved_cfg["quantization_config"] is not missing:
+                config.__dict__.pop("quantization_config")
+            if untie:
+                config.tie_word_embeddings = False
+            model.save_pretrained(work)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(work)
     finally:
         for parent, attr, mod in swaps:
             setattr(parent, attr, mod)
@@ -263,8 +256,6 @@ def export_dense(model: nn.Module, directory: str | os.PathLike, tokenizer=None)
                 config.__dict__.pop(k, None)
             else:
                 config.__dict__[k] = v
-        if new_dir and work.exists():
-            shutil.rmtree(work, ignore_errors=True)
     return directory
 
 
@@ -276,8 +267,7 @@ def _planned_sizes(w: torch.Tensor, e) -> tuple[list[int], list[int]]:
     m, n = w.shape
     if e.n_clusters == 1:
         return [m], [rank_for(e.rank_fraction, m, n)]
-    proj_rank = rank_for(e.rank_fraction, -(-m // e.n_clusters), n)
-    labels = assign_clusters(w, e.n_clusters, e.method, rank=proj_rank, seed=e.seed)
+    labels = cluster_labels(w, e)
     sizes = torch.bincount(labels, minlength=e.n_clusters).tolist()
     return sizes, [rank_for(e.rank_fraction, s, n) for s in sizes]
 
@@ -303,7 +293,7 @@ def accounting(model: nn.Module, plan: Plan | None = None) -> dict:
             edits.setdefault(e.matrix, e)
     rows = []
     for name, e in edits.items():
-        _, _, mod = _locate(model, name)
+        _, _, mod = locate(model, name)
         if is_factored(mod):
             orig = original_of(mod)
             m, n = mod.out_features, mod.in_features
@@ -318,8 +308,7 @@ def accounting(model: nn.Module, plan: Plan | None = None) -> dict:
                 params, index_bytes = f.num_params(), f.index_nbytes()
                 vbytes = f.nbytes() - index_bytes
         else:
-            from .transform import _dense_weight
-            w = _dense_weight(mod, name)
+            w = linear_weight(mod, name=name)
             m, n = w.shape
             dense_dtype = w.dtype
             sizes, ranks = _planned_sizes(w.detach(), e)

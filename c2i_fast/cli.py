@@ -173,6 +173,13 @@ def _launch(argv: list[str], nproc: int) -> int:
     return 0
 
 
+def _run_config(args, progress: bool) -> dict:
+    """The fields of c2i_fast.pipeline.RunConfig, from the options every run command shares (_common)."""
+    return dict(model=args.model, task=args.task, test_size=args.test_size, seed=args.seed, scoring=args.scoring,
+                data_dir=args.data_dir, metric=args.metric, batch_tokens=args.batch_tokens,
+                share_prefix=args.share_prefix, progress=progress, threads=args.threads, log_json=args.log_json)
+
+
 def _run(args) -> int:
     from . import pipeline
     progress = not args.quiet
@@ -186,30 +193,23 @@ def _run(args) -> int:
         if missing:
             raise C2IError(f"adapt needs {', '.join(missing)} (or --resume DIR)")
         cfg = pipeline.AdaptConfig(
-            model=args.model, task=args.task, out=args.out, samples=args.samples, test_size=args.test_size,
-            top_k=args.top_k, rank_fractions=args.rank_fractions, clusters=args.clusters, methods=args.methods,
-            types=args.types or MATRIX_TYPES, max_evals=args.max_evals, compose=args.compose, seed=args.seed,
-            loss=args.loss, score=args.score, scoring=args.scoring, data_dir=args.data_dir, metric=args.metric,
-            batch_tokens=args.batch_tokens, share_prefix=args.share_prefix, resume=False, progress=progress,
-            draws=args.draws, threads=args.threads, log_json=args.log_json, dtype=args.dtype, device=args.device,
+            **_run_config(args, progress), out=args.out, samples=args.samples, top_k=args.top_k,
+            rank_fractions=args.rank_fractions, clusters=args.clusters, methods=args.methods,
+            types=args.types or MATRIX_TYPES, max_evals=args.max_evals, compose=args.compose, loss=args.loss,
+            score=args.score, resume=False, draws=args.draws, dtype=args.dtype, device=args.device,
             device_map=args.device_map, gradient_checkpointing=args.gradient_checkpointing, gate_p=args.gate_p)
         rep = pipeline.adapt(cfg)
         _finish(rep, cfg.out, args.no_report)
     elif args.command == "laser":
         cfg = pipeline.LaserConfig(
-            model=args.model, task=args.task, out=args.out, val_size=args.val_size, test_size=args.test_size,
-            rank_fractions=args.rank_fractions, types=args.types, layers=args.layers, seed=args.seed,
-            scoring=args.scoring, data_dir=args.data_dir, metric=args.metric, batch_tokens=args.batch_tokens,
-            share_prefix=args.share_prefix, faithful=args.faithful, progress=progress, threads=args.threads,
-            resume=args.resume, log_json=args.log_json)
+            **_run_config(args, progress), out=args.out, val_size=args.val_size,
+            rank_fractions=args.rank_fractions, types=args.types, layers=args.layers, faithful=args.faithful,
+            resume=args.resume)
         rep = pipeline.laser(cfg)
         _finish(rep, cfg.out, args.no_report)
     elif args.command == "eval":
-        cfg = pipeline.EvalConfig(
-            model=args.model, task=args.task, plan=args.adapted, samples=args.samples, test_size=args.test_size,
-            seed=args.seed, scoring=args.scoring, data_dir=args.data_dir, metric=args.metric,
-            batch_tokens=args.batch_tokens, share_prefix=args.share_prefix, progress=progress, threads=args.threads,
-            out=args.out, log_json=args.log_json)
+        cfg = pipeline.EvalConfig(**_run_config(args, progress), plan=args.adapted, samples=args.samples,
+                                  out=args.out)
         rep = pipeline.evaluate_model(cfg)
         print(json.dumps({k: rep[k] for k in rep if k in ("task", "n_test", "base", "adapted", "paired")}, indent=2,
                          default=str))

@@ -17,9 +17,8 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,9 @@ import torch
 from torch import nn
 
 from .errors import C2IError
+from .io import atomic_directory
+from .nn import is_conv1d
+from .packaged import PACKAGED, assemble
 
 # Short names for the real models that install offline from PyPI (see shared/MODELS.md).
 ALIASES = {
@@ -106,10 +108,6 @@ class LoadedModel:
     load_seconds: float = 0.0
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def target_matrices(model: nn.Module, types: tuple[str, ...] | list[str] | None = None) -> list[MatrixRef]:
     """All matrices of known type in ``model``, ordered by (layer, MATRIX_TYPES order).
 
@@ -121,15 +119,15 @@ def target_matrices(model: nn.Module, types: tuple[str, ...] | list[str] | None 
             raise C2IError(f"unknown matrix type(s) {bad}; known: {', '.join(MATRIX_TYPES)}")
     refs = []
     for name, module in model.named_modules():
-        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             continue
         for _fam, rx, mtype in _COMPILED:
             if rx.search(name):
                 layer = int(re.search(r"\.(\d+)\.", "." + name).group(1))
-                refs.append(MatrixRef(name, layer, mtype, module, _is_conv1d(module)))
+                refs.append(MatrixRef(name, layer, mtype, module, is_conv1d(module)))
                 break
     if not refs:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
         raise C2IError(
             f"unknown architecture {type(model).__name__}: none of its {len(linears)} linear layers "
             f"matches a known family (Llama/Mistral/Qwen/Gemma, GPT-2, GPT-J, GPT-NeoX, RoBERTa); "
@@ -149,6 +147,60 @@ def find_matrix(model: nn.Module, name: str) -> MatrixRef:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Layer structure
+# ---------------------------------------------------------------------------------------------------------
+_LAYERS_PATH: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+POSITIONWISE = ("q", "o", "mlp_in", "mlp_up", "mlp_out")    # a column's output feeds that column only
+
+
+def layer_root(matrix: str) -> str:
+    """The decoder layer's path in a matrix's path: "model.layers.3.mlp.down_proj" → "model.layers.3"."""
+    return re.match(r"^(.*?\.\d+)\.", matrix).group(1)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of transformer blocks (model.layers, transformer.h, gpt_neox.layers, encoder.layer).
+    Its path is found once per model (walking every module costs milliseconds, and every batch asks)."""
+    path = _LAYERS_PATH.get(model)
+    if path is None:
+        name = target_matrices(model)[0].name
+        path = _LAYERS_PATH[model] = layer_root(name).rsplit(".", 1)[0]
+    return model.get_submodule(path)
+
+
+def _is_decoder_causal_lm(model: nn.Module) -> bool:
+    """A decoder-only ``*ForCausalLM`` (its head reads each column's last hidden state alone)."""
+    cfg = getattr(model, "config", None)
+    return cfg is not None and type(model).__name__.endswith("ForCausalLM") and not cfg.is_encoder_decoder
+
+
+def supports_shared_prefix(model: nn.Module) -> bool:
+    """Decoder-only causal LM, full attention in every layer (a sliding window would need its own mask): a
+    prompt prefix run once can hand its keys/values to every row."""
+    if not _is_decoder_causal_lm(model):
+        return False
+    text = model.config.get_text_config(decoder=True)
+    if getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None):
+        return False
+    return all(t == "full_attention" for t in (getattr(text, "layer_types", None) or ["full_attention"]))
+
+
+def last_layer_positionwise(model: nn.Module) -> list[str]:
+    """Names of the last decoder layer's matrices whose output at a column is used at that column only (query,
+    attention output, MLP) — in a causal LM, whose head reads a column's last hidden state alone, those are
+    needed at the columns whose logits are read, nothing else. Keys/values (and fused QKV) feed every later
+    column, so they stay whole. Empty for anything that is not a decoder-only ``*ForCausalLM``."""
+    if not _is_decoder_causal_lm(model):
+        return []
+    try:
+        refs = target_matrices(model)
+        last = len(decoder_layers(model)) - 1
+    except (C2IError, AttributeError):
+        return []
+    return [r.name for r in refs if r.layer == last and r.type in POSITIONWISE]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------
 def _cache_root() -> Path:
@@ -157,6 +209,9 @@ def _cache_root() -> Path:
 
 def resolve_source(spec: str) -> tuple[str, str | None]:
     """(directory or hub id, gguf file name or None) for an alias, a .gguf path, a directory or a hub id."""
+    if spec in PACKAGED:             # a GGUF split across part wheels: joined and checked once, then cached
+        path = assemble(PACKAGED[spec], _cache_root())
+        return str(path.parent), path.name
     if spec in ALIASES:
         pkg, fname = ALIASES[spec]
         found = importlib.util.find_spec(pkg)   # find_spec: the package itself imports a heavy binding
@@ -256,19 +311,12 @@ def save_architecture(spec: str, out: str | Path) -> Path:
 
 
 def _save_dir(out: Path, parts: list, source: dict) -> Path:
-    """``save_pretrained`` each of ``parts`` plus c2i_source.json into ``out``, atomically (temp dir, rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
-    try:
+    """``save_pretrained`` each of ``parts`` plus c2i_source.json into ``out``, atomically (built under a temp
+    name, then renamed over any old ``out``)."""
+    with atomic_directory(out, replace=True) as tmp:
         for part in parts:
             part.save_pretrained(tmp)
         (tmp / "c2i_source.json").write_text(json.dumps(source))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from c2i_fast.kernels import clustered_lowrank_matmul, clustered_reconstruct, lowrank_matmul
 
-from .decompose import (SVD, ClusteredFactors, ClusteredSVD, LowRankFactors, assign_clusters, full_svd,
-                        rank_for)
+from .decompose import SVD, ClusteredFactors, ClusteredSVD, ClusterLayout, LowRankFactors, fit_clusters, full_svd, rank_for
 from .errors import C2IError
+from .plan import Edit
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -28,16 +28,18 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def linear_weight(layer: nn.Module) -> Tensor:
-    """W of ``layer`` in nn.Linear layout (out, in) — a view, not a copy. Linear, Conv1D or a factored module."""
+def linear_weight(layer: nn.Module, *, name: str | None = None) -> Tensor:
+    """W of ``layer`` in nn.Linear layout (out, in) — a view, not a copy. Linear, Conv1D or a factored module.
+
+    ``name`` (the module's path in its model) goes into the error for any other module type."""
     if isinstance(layer, (LowRankLinear, ClusteredLowRankLinear)):
         return layer.dense_weight()
     if is_conv1d(layer):
         return layer.weight.T
     if isinstance(layer, nn.Linear):
         return layer.weight
-    raise C2IError(f"cannot factorize a {type(layer).__name__}: only nn.Linear and transformers' Conv1D "
-                   "are supported")
+    what = f"module {name!r}, a {type(layer).__name__}" if name else f"a {type(layer).__name__}"
+    raise C2IError(f"cannot factorize {what}: only nn.Linear and transformers' Conv1D are supported")
 
 
 def _bias_param(bias: Tensor | None, dtype: torch.dtype | None, device=None) -> nn.Parameter | None:
@@ -46,6 +48,30 @@ def _bias_param(bias: Tensor | None, dtype: torch.dtype | None, device=None) -> 
     if bias is None:
         return None
     return nn.Parameter(bias.detach().to(device=device, dtype=dtype).clone())
+
+
+def _target(shape: tuple[int, int], ref: Tensor, bias: Tensor | None, dtype: torch.dtype | None):
+    """(m, n, dtype, device) of the module ``from_factors`` builds: the factors' dtype unless one is asked for,
+    their device; a bias must have m entries."""
+    m, n = shape
+    if bias is not None and bias.shape != (m,):
+        raise C2IError(f"bias of shape {tuple(bias.shape)} does not match {m} output features")
+    return m, n, dtype or ref.dtype, ref.device
+
+
+def _fill(mod: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], bias: Tensor | None,
+          dtype: torch.dtype, device) -> nn.Module:
+    """Give a meta-built factored module its tensors: float ``params`` cast to ``dtype`` on ``device``, int64
+    ``buffers``, a copy of ``bias``. Row-major copies whatever the input layout (an SVD's v is a transposed
+    view): the fp32 rounding of the forward GEMMs depends on layout, and saved/reloaded factors must compute
+    bit-identical outputs."""
+    for name, t in params.items():
+        setattr(mod, name, nn.Parameter(t.detach().to(device=device, dtype=dtype).clone(
+            memory_format=torch.contiguous_format)))
+    for name, t in buffers.items():
+        setattr(mod, name, t.detach().to(device=device, dtype=torch.int64).contiguous().clone())
+    mod.bias = _bias_param(bias, dtype, device)
+    return mod
 
 
 def _tensor_bytes(module: nn.Module) -> int:
@@ -84,19 +110,9 @@ class LowRankLinear(nn.Module):
     def from_factors(cls, factors: LowRankFactors, bias: Tensor | None = None,
                      dtype: torch.dtype | None = None) -> "LowRankLinear":
         """Module holding ``factors`` (cast to ``dtype``, default the factors' dtype) and a copy of ``bias``."""
-        m, n = factors.shape
-        dtype = dtype or factors.u.dtype
-        dev = factors.u.device
-        if bias is not None and bias.shape != (m,):
-            raise C2IError(f"bias of shape {tuple(bias.shape)} does not match {m} output features")
+        m, n, dtype, dev = _target(factors.shape, factors.u, bias, dtype)
         mod = cls(n, m, factors.rank, bias=bias is not None, device="meta", dtype=dtype)
-        # Row-major copies whatever the input layout (an SVD's v is a transposed view): the fp32 rounding of
-        # the forward GEMMs depends on layout, and saved/reloaded factors must compute bit-identical outputs.
-        mod.u = nn.Parameter(factors.u.detach().to(dtype=dtype).clone(memory_format=torch.contiguous_format))
-        mod.v = nn.Parameter(factors.v.detach().to(device=dev, dtype=dtype).clone(
-            memory_format=torch.contiguous_format))
-        mod.bias = _bias_param(bias, dtype, dev)
-        return mod
+        return _fill(mod, {"u": factors.u, "v": factors.v}, {}, bias, dtype, dev)
 
     @classmethod
     def from_linear(cls, layer: nn.Module, rank_fraction: float | None = None, *, rank: int | None = None,
@@ -142,7 +158,7 @@ class LowRankLinear(nn.Module):
                 f"params={100 * ratio:.1f}% of dense")
 
 
-class ClusteredLowRankLinear(nn.Module):
+class ClusteredLowRankLinear(ClusterLayout, nn.Module):
     """Rows of W in k clusters, cluster c approximated at rank r_c; outputs land at their original rows.
 
     Parameters: ``v_cat`` (in, R) = [V_1 … V_k]; ``u_packed`` (out, r_max), permuted row j of cluster c holding
@@ -177,18 +193,6 @@ class ClusteredLowRankLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    @property
-    def n_clusters(self) -> int:
-        return self.row_offsets.shape[0] - 1
-
-    @property
-    def ranks(self) -> list[int]:
-        return torch.diff(self.rank_offsets).tolist()
-
-    @property
-    def cluster_sizes(self) -> list[int]:
-        return torch.diff(self.row_offsets).tolist()
-
     def forward(self, x: Tensor) -> Tensor:
         return clustered_lowrank_matmul(x, self.v_cat, self.u_packed, self.row_index, self.row_offsets,
                                         self.rank_offsets, self.bias)
@@ -198,37 +202,31 @@ class ClusteredLowRankLinear(nn.Module):
     def from_factors(cls, factors: ClusteredFactors, bias: Tensor | None = None,
                      dtype: torch.dtype | None = None) -> "ClusteredLowRankLinear":
         """Module holding ``factors`` (float tensors cast to ``dtype``) and a copy of ``bias``."""
-        m, n = factors.shape
-        dtype = dtype or factors.v_cat.dtype
-        dev = factors.v_cat.device
-        if bias is not None and bias.shape != (m,):
-            raise C2IError(f"bias of shape {tuple(bias.shape)} does not match {m} output features")
+        m, n, dtype, dev = _target(factors.shape, factors.v_cat, bias, dtype)
         mod = cls(n, m, factors.ranks, factors.cluster_sizes, bias=bias is not None, device="meta", dtype=dtype)
-        mod.v_cat = nn.Parameter(factors.v_cat.detach().to(dtype=dtype).clone(memory_format=torch.contiguous_format))
-        mod.u_packed = nn.Parameter(factors.u_packed.detach().to(device=dev, dtype=dtype).clone(
-            memory_format=torch.contiguous_format))
-        for name in ("row_index", "row_offsets", "rank_offsets"):
-            setattr(mod, name, getattr(factors, name).detach().to(device=dev, dtype=torch.int64).contiguous().clone())
-        mod.bias = _bias_param(bias, dtype, dev)
-        return mod
+        return _fill(mod, {"v_cat": factors.v_cat, "u_packed": factors.u_packed},
+                     {k: getattr(factors, k) for k in ("row_index", "row_offsets", "rank_offsets")}, bias, dtype, dev)
 
     @classmethod
     def from_linear(cls, layer: nn.Module, rank_fraction: float, n_clusters: int = 1, method: str = "block",
-                    seed: int = 0, *, labels: Tensor | None = None,
+                    seed: int = 0, *, subspace_rank: int | None = None, iters: int | None = None,
+                    restarts: int | None = None, labels: Tensor | None = None,
                     clustered_svd: ClusteredSVD | None = None) -> "ClusteredLowRankLinear":
         """Clustered replacement of an nn.Linear or Conv1D at rank fraction ρ on every cluster.
 
-        Rows are clustered with ``method`` (see :func:`~c2i_fast.decompose.assign_clusters`) unless ``labels``
-        (out,) or a fitted ``clustered_svd`` of the layer's weight are given. Factors are fp32 math, stored in
-        the layer's dtype on its device.
+        Rows are clustered as ``Edit(…, rank_fraction, n_clusters, method, seed, subspace_rank, iters,
+        restarts)`` prescribes (:func:`~c2i_fast.decompose.fit_clusters`, the same factors ``factorize_`` makes
+        for that edit) unless ``labels`` (out,) or a fitted ``clustered_svd`` of the layer's weight are given.
+        Factors are fp32 math, stored in the layer's dtype on its device.
         """
         w = linear_weight(layer)
         m, n = w.shape
         if clustered_svd is None:
             if labels is None:
-                proj_rank = rank_for(rank_fraction, -(-m // n_clusters), n)
-                labels = assign_clusters(w, n_clusters, method, rank=proj_rank, seed=seed)
-            clustered_svd = ClusteredSVD.fit(w, labels, n_clusters)
+                edit = Edit("layer", rank_fraction, n_clusters, method, seed, subspace_rank, iters, restarts)
+                clustered_svd = fit_clusters(w, edit)
+            else:
+                clustered_svd = ClusteredSVD.fit(w, labels, n_clusters)
         elif clustered_svd.shape != (m, n):
             raise C2IError(f"clustered SVD of shape {clustered_svd.shape} does not match the weight {m}x{n}")
         f = clustered_svd.factors(rank_fraction).to(device=w.device)

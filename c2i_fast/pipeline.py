@@ -11,41 +11,71 @@ harness; ``evaluate_model`` is ``c2i eval``. Outputs (all written atomically: te
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed
+from .artifacts import accounting, fingerprint, save_adapted
 from .decompose import full_svd
 from .errors import C2IError
-from .evaluate import PrefixCache, Scorer, better
+from .evaluate import PrefixCache, Scorer
+from .io import atomic_write_text, versions
 from .models import LASER_TYPES, MATRIX_TYPES, load_model, target_matrices
+from .report import SCHEMA          # the report.json layout build_report writes (report.py reads it, torch-free)
 from .scan import scan
 from .search import (DEFAULT_CLUSTERS, DEFAULT_METHODS, DEFAULT_RANK_FRACTIONS, Candidate, build_candidates,
-                     evaluate_candidate, rank, search)
+                     candidate_factors, rank, search)
 from .stats import paired_difference, selection_gain_test
 from .tasks import check_tokenization, load_task, split
-from .transform import Edit, Plan, atomic_write_text, factorize_
+from .transform import Edit, Plan, factorize_, restore_
 
 JOURNAL = "journal.jsonl"
 CONFIG = "config.json"
 REPORT = "report.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass
-class AdaptConfig:
+# ---------------------------------------------------------------------------------------------------------
+# configurations
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class RunConfig:
+    """What adapt, laser and eval share: model and task, the held-out split, how rows are scored, logging.
+    Keyword-only, so each command's own required fields (``out``) can follow these defaults."""
     model: str
     task: str
+    test_size: int = 500
+    seed: int = 0
+    scoring: str = "mean"
+    data_dir: str | None = None
+    metric: str | None = None
+    batch_tokens: int = 4096
+    share_prefix: bool = True           # run a prompt prefix common to every row once per pass (exact)
+    progress: bool = True
+    threads: int | None = None
+    log_json: str | None = None         # path for JSON-lines events, "-" for stderr
+
+    def shares_prefix(self) -> bool:
+        """Whether scorers run the common prompt prefix once (the faithful modes run every row whole)."""
+        return self.share_prefix
+
+    def to_json(self) -> dict:
+        """Every field, tuples as lists (the report's ``config``)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(kw_only=True)
+class AdaptConfig(RunConfig):
     out: str
     samples: int = 100
-    test_size: int = 500
     top_k: int = 5
     rank_fractions: tuple = DEFAULT_RANK_FRACTIONS
     clusters: tuple = DEFAULT_CLUSTERS
@@ -53,28 +83,46 @@ class AdaptConfig:
     types: tuple = MATRIX_TYPES
     max_evals: int = 48
     compose: int = 0
-    seed: int = 0
     loss: str = "answer"
     score: str = "first_order"
-    scoring: str = "mean"
-    data_dir: str | None = None
-    metric: str | None = None
-    batch_tokens: int = 4096
-    share_prefix: bool = True           # run a prompt prefix common to every row once per pass (exact)
     resume: bool = False
-    progress: bool = True
     draws: int = 1
-    threads: int | None = None
     dense_candidates: bool = False      # paper-faithful: dense rebuild + full forward per candidate (bench)
-    log_json: str | None = None         # path for JSON-lines events, "-" for stderr
     dtype: str = "float32"              # model weights; SVDs and accumulation are fp32 whatever this is
     device: str | None = None           # default: cuda when available
     device_map: str | None = None       # accelerate device map (e.g. "auto") for models bigger than one device
     gradient_checkpointing: bool = False
     gate_p: float | None = None         # keep the base model unless the selection gain's max-T p ≤ this
 
+    def shares_prefix(self) -> bool:
+        return self.share_prefix and not self.dense_candidates
 
-def _log(cfg, msg: str, event: str | None = None, **fields):
+
+@dataclass(kw_only=True)
+class LaserConfig(RunConfig):
+    out: str
+    val_size: int = 100
+    rank_fractions: tuple = DEFAULT_RANK_FRACTIONS
+    types: tuple = LASER_TYPES
+    layers: tuple | None = None         # default: every layer
+    faithful: bool = False              # dense rebuild + full forward per candidate, as LASER's code does
+    resume: bool = False
+
+    def shares_prefix(self) -> bool:
+        return self.share_prefix and not self.faithful
+
+
+@dataclass(kw_only=True)
+class EvalConfig(RunConfig):
+    plan: str | None = None             # an adapted directory (plan.json + adapted.safetensors)
+    samples: int = 100
+    out: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# shared steps
+# ---------------------------------------------------------------------------------------------------------
+def _log(cfg: RunConfig, msg: str, event: str | None = None, **fields):
     """A human line on stderr (unless quiet) and, with --log-json, one JSON event per line."""
     if cfg.progress:
         print(msg, file=sys.stderr, flush=True)
@@ -82,37 +130,15 @@ def _log(cfg, msg: str, event: str | None = None, **fields):
         _emit(cfg, event, message=msg, **fields)
 
 
-def _emit(cfg, event: str, **fields):
-    target = getattr(cfg, "log_json", None)
-    if not target:
+def _emit(cfg: RunConfig, event: str, **fields):
+    if not cfg.log_json:
         return
     line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "event": event, **fields}, default=str)
-    if target == "-":
+    if cfg.log_json == "-":
         print(line, file=sys.stderr, flush=True)
     else:
-        with open(target, "a") as f:
+        with open(cfg.log_json, "a") as f:
             f.write(line + "\n")
-
-
-def device_name() -> str:
-    """The GPU's name, else the CPU model from /proc/cpuinfo (benchmark results name their device)."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> dict:
-    import transformers
-    from . import __version__
-    return {"c2i_fast": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
 
 
 def _strip(res: dict) -> dict:
@@ -142,7 +168,7 @@ def _check_common(rank_fractions, samples: int, test_size: int, clusters=(1,)) -
         raise C2IError(f"--test-size must be ≥ 1, got {test_size}")
 
 
-def _prepare(cfg):
+def _prepare(cfg: RunConfig, dtype: str = "float32", device: str | None = None, device_map: str | None = None):
     """Load model and task, make the splits; shared by adapt, laser and eval."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -152,14 +178,12 @@ def _prepare(cfg):
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task, cfg.data_dir, cfg.metric)          # data errors before the slow model load
     t0 = time.perf_counter()
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    dtype = getattr(cfg, "dtype", "float32")
-    if dtype not in dtypes:
-        raise C2IError(f"--dtype {dtype!r}: choose one of {', '.join(dtypes)}")
-    device = getattr(cfg, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype not in DTYPES:
+        raise C2IError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if distributed.size() > 1 and device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
-    lm = load_model(cfg.model, dtype=dtypes[dtype], device=device, device_map=getattr(cfg, "device_map", None))
+    lm = load_model(cfg.model, dtype=DTYPES[dtype], device=device, device_map=device_map)
     t_load = time.perf_counter() - t0
     if lm.is_masked_lm:
         raise C2IError(f"{cfg.model} is a masked LM: its matrices can be enumerated and factorized "
@@ -168,11 +192,10 @@ def _prepare(cfg):
     return lm, task, t_load
 
 
-def _scorer(lm, task, examples, cfg) -> Scorer:
+def _scorer(lm, task, examples, cfg: RunConfig) -> Scorer:
     # the paper-faithful and LASER-faithful modes run every row whole, as those methods' code does
-    share = cfg.share_prefix and not getattr(cfg, "dense_candidates", False) and not getattr(cfg, "faithful", False)
     return Scorer(lm.model, lm.tokenizer, examples, task.kind, batch_tokens=cfg.batch_tokens,
-                  scoring=cfg.scoring, max_new_tokens=task.spec.max_new_tokens, share_prefix=share)
+                  scoring=cfg.scoring, max_new_tokens=task.spec.max_new_tokens, share_prefix=cfg.shares_prefix())
 
 
 def _read_journal(path: Path) -> dict[str, dict]:
@@ -199,6 +222,16 @@ def _journal_writer(path: Path):
     return write
 
 
+def _on_result(cfg: RunConfig, journal: Path):
+    """search()'s callback: each new result goes to the journal and, with --log-json, to the event log."""
+    write = _journal_writer(journal)
+
+    def on_result(c: Candidate):
+        write(c)
+        _emit(cfg, "candidate", **c.summary())
+    return on_result
+
+
 def significance(base: dict, ranked: list[Candidate], seed: int = 0) -> dict | None:
     """How likely the best of the evaluated candidates gains this much on the selection sample by chance
     (:func:`c2i_fast.stats.selection_gain_test`; candidates best first, as :func:`c2i_fast.search.rank` orders
@@ -216,21 +249,86 @@ def gate(best: list[Candidate], final: dict, base: dict, sig: dict | None, gate_
     return [], base, True
 
 
-def _held_out(lm, task, test, cfg, plan_cands: list[Candidate], timings: dict) -> tuple[dict, dict]:
-    """Base and adapted metrics on the held-out split; the adapted pass reuses the base pass's prefix."""
+@contextlib.contextmanager
+def plan_applied(model, cands: list[Candidate]) -> Iterator[None]:
+    """The candidates' factored modules swapped into ``model`` for the block (factors from
+    :func:`c2i_fast.search.candidate_factors`, in plan order), the original modules put back after it, also on
+    an error. No candidates: the model as it is."""
+    if not cands:
+        yield
+        return
+    factorize_(model, [c.edit for c in cands], factors={c.edit.matrix: candidate_factors(c) for c in cands})
+    try:
+        yield
+    finally:
+        restore_(model, [c.edit.matrix for c in cands])
+
+
+def _conclude(lm, task, test, cfg: RunConfig, best: list[Candidate], plan: Plan, timings: dict,
+              save_to: Path | None) -> tuple[dict, dict]:
+    """Held-out metrics of the base model and of the plan, then (``save_to``) the saved plan and factors, and
+    the plan's accounting, with the plan swapped in once for all three. Returns (``test`` block, accounting).
+
+    The adapted pass starts at the lowest edited layer and replays the prefix the base pass captured there:
+    the same computation as :func:`c2i_fast.search.evaluate_candidate` of the last edit on top of the others
+    with ``within=False``."""
+    model = lm.model
     t0 = time.perf_counter()
     sc = _scorer(lm, task, test, cfg)
     sc.progress = cfg.progress          # a bar per held-out pass: these are the long evaluations
-    start = min((c.layer for c in plan_cands), default=0)
-    cache = PrefixCache() if plan_cands and task.kind != "generation" else None
+    start = min((c.layer for c in best), default=0)
+    cache = PrefixCache() if best and task.kind != "generation" else None
     base = sc.evaluate(cache, capture={start} if cache is not None else set())
     timings["test_base"] = time.perf_counter() - t0
-    if not plan_cands:
-        return base, base
-    t1 = time.perf_counter()
-    adapted = evaluate_candidate(sc, plan_cands[-1], cache, applied=plan_cands[:-1], within=False)   # one pass
-    timings["test_adapted"] = time.perf_counter() - t1
-    return base, adapted
+    adapted = base
+    with plan_applied(model, best):
+        if best:
+            t1 = time.perf_counter()
+            adapted = sc.evaluate(cache, start_layer=start)     # one pass from the lowest edited layer
+            timings["test_adapted"] = time.perf_counter() - t1
+        if save_to is not None:
+            if best:
+                save_adapted(model, plan, save_to)
+            else:
+                plan.fingerprint = fingerprint(model)
+                plan.save(save_to / "plan.json")
+        spent = accounting(model, plan) if best else {}
+    return _held_out_block(base, adapted), spent
+
+
+def build_report(cfg: RunConfig, task, sizes: dict, plan: Plan, *, search: dict, selection: dict, test: dict,
+                 forward_passes: dict, accounting: dict, scan: dict | None = None) -> dict:
+    """``report.json`` (schema :data:`SCHEMA`) of an adapt or laser run, sections in file order::
+
+        schema          this layout's version (c2i_fast.report refuses a newer one)
+        config          the run's configuration (RunConfig.to_json)
+        versions        c2i_fast.io.versions()
+        task            name, kind, source and the split sizes ``sizes`` (adapt: n_select, n_test, draw;
+                        laser: n_val, n_test)
+        plan            the plan's edits
+        scan            (adapt only) loss, loss_kind, score_kind, skipped, matrices (one summary per matrix)
+        search          n_candidates, n_evaluated, significance, candidates (summaries in evaluation order);
+                        adapt also n_same_factors, rank_correlation_predicted_vs_measured
+        selection       base, adapted: metrics on the selection sample (LASER: its validation split)
+        test            base, adapted, paired: metrics on the held-out split
+        forward_passes  search_layer_passes, layers, search_equivalent_full_passes (adapt: gradient_pass_rows)
+        accounting      parameters and bytes before and after (c2i_fast.artifacts.accounting); {} for no edit
+
+    The callers add ``timings`` (seconds per phase) and adapt adds ``draws`` (--draws > 1) and ``world_size``.
+    """
+    rep = {"schema": SCHEMA, "config": cfg.to_json(), "versions": versions(),
+           "task": {"name": task.name, "kind": task.kind, "source": task.source, **sizes},
+           "plan": plan.to_json()["edits"]}
+    if scan is not None:
+        rep["scan"] = scan
+    rep.update(search=search, selection=selection, test=test, forward_passes=forward_passes,
+               accounting=accounting)
+    return rep
+
+
+def _passes(layer_passes: int, n_layers: int, **extra) -> dict:
+    return {**extra, "search_layer_passes": layer_passes, "layers": n_layers,
+            "search_equivalent_full_passes": round(layer_passes / n_layers, 2)}
 
 
 def resume_config(directory: str, **overrides) -> AdaptConfig:
@@ -264,12 +362,11 @@ def adapt(cfg: AdaptConfig) -> dict:
         raise C2IError(f"--out {out} exists and is not empty (use --resume {out} to continue a run there)")
     distributed.barrier()          # every rank has checked --out before rank 0 writes into it
     t_start = time.perf_counter()
-    lm, task, t_load = _prepare(cfg)
+    lm, task, t_load = _prepare(cfg, cfg.dtype, cfg.device, cfg.device_map)
     main_rank = distributed.is_main()
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
-        saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
-                 if k not in ("resume", "progress", "threads", "log_json")}
+        saved = {k: v for k, v in cfg.to_json().items() if k not in ("resume", "progress", "threads", "log_json")}
         atomic_write_text(out / CONFIG, json.dumps(saved, indent=2) + "\n")
     if not main_rank:
         cfg.progress, cfg.log_json = False, None      # one voice: rank 0 reports
@@ -336,13 +433,8 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
     journal = out / (JOURNAL if draw == 0 else f"journal.draw{draw}.jsonl")
     done = _read_journal(journal) if cfg.resume else {}
     _emit(cfg, "selection_base", accuracy=base_sel["accuracy"], log_loss=base_sel["log_loss"])
-    write_journal = _journal_writer(journal)
-
-    def on_result(c):
-        write_journal(c)
-        _emit(cfg, "candidate", **c.summary())
     res = search(sel, cands, base_sel, cache, n_layers, cfg.max_evals, cfg.compose, cfg.loss, cfg.progress,
-                 on_result=on_result, done=done, dense=cfg.dense_candidates)
+                 on_result=_on_result(cfg, journal), done=done, dense=cfg.dense_candidates)
     timings["search"] = res.seconds["search"]
     sig = significance(base_sel, rank(res.evaluated), cfg.seed)
     res.best, res.final, gated = gate(res.best, res.final, base_sel, sig, cfg.gate_p)
@@ -360,89 +452,26 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
                            for c in res.best) or "none beat the base model"), "plan",
          edits=[c.edit.to_dict() for c in res.best], n_evaluated=len(res.evaluated), seconds=res.seconds)
 
-    base_test, adapted_test = _held_out(lm, task, splits["test"], cfg, res.best, timings)
-    test = _held_out_block(base_test, adapted_test)
-    _emit(cfg, "held_out", **test)
     plan = Plan([c.edit for c in res.best], base_model=lm.model_id,
                 meta={"task": task.name, "seed": cfg.seed, "draw": draw, "samples": cfg.samples})
-    if draw == 0 and distributed.is_main():
-        _save_plan(model, plan, res.best, out)
-    forward_rows = sel.forward_rows
-    return {
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-        "versions": versions(),
-        "task": {"name": task.name, "kind": task.kind, "source": task.source,
-                 "n_select": len(splits["select"]), "n_test": len(splits["test"]), "draw": draw},
-        "plan": plan.to_json()["edits"],
-        "scan": {"loss": sc.loss, "loss_kind": sc.loss_kind, "score_kind": sc.score_kind, "skipped": sc.skipped,
-                 "matrices": [m.summary() for m in sc.matrices]},
-        "search": {"n_candidates": len(cands), "n_evaluated": len(res.evaluated), "n_same_factors": n_same,
-                   "rank_correlation_predicted_vs_measured": res.rank_correlation, "significance": sig,
-                   "candidates": [c.summary() for c in res.candidates]},
-        "selection": {"base": _strip(base_sel), "adapted": _strip(res.final)},
-        "test": test,
-        "forward_passes": {"gradient_pass_rows": forward_rows,
-                           "search_layer_passes": res.forward_layer_passes,
-                           "layers": n_layers,
-                           "search_equivalent_full_passes": round(res.forward_layer_passes / n_layers, 2)},
-        "accounting": _accounting(model, plan, res.best),
-    }
-
-
-def _accounting(model, plan: Plan, best: list[Candidate]) -> dict:
-    from .artifacts import accounting
-    from .search import _factors
-    from .transform import restore_
-    if not best:
-        return {}
-    factorize_(model, plan.edits, factors={c.edit.matrix: _factors(c) for c in best})
-    try:
-        return accounting(model, plan)
-    finally:
-        restore_(model, [e.matrix for e in plan.edits])
-
-
-def _save_plan(model, plan: Plan, best: list[Candidate], out: Path) -> None:
-    from .artifacts import fingerprint, save_adapted
-    from .search import _factors
-    from .transform import restore_
-    if not best:
-        plan.fingerprint = fingerprint(model)
-        plan.save(out / "plan.json")
-        return
-    factorize_(model, plan.edits, factors={c.edit.matrix: _factors(c) for c in best})
-    try:
-        save_adapted(model, plan, out)
-    finally:
-        restore_(model, [e.matrix for e in plan.edits])
+    test, spent = _conclude(lm, task, splits["test"], cfg, res.best, plan, timings,
+                            out if draw == 0 and distributed.is_main() else None)
+    _emit(cfg, "held_out", **test)
+    return build_report(
+        cfg, task, {"n_select": len(splits["select"]), "n_test": len(splits["test"]), "draw": draw}, plan,
+        scan={"loss": sc.loss, "loss_kind": sc.loss_kind, "score_kind": sc.score_kind, "skipped": sc.skipped,
+              "matrices": [m.summary() for m in sc.matrices]},
+        search={"n_candidates": len(cands), "n_evaluated": len(res.evaluated), "n_same_factors": n_same,
+                "rank_correlation_predicted_vs_measured": res.rank_correlation, "significance": sig,
+                "candidates": [c.summary() for c in res.candidates]},
+        selection={"base": _strip(base_sel), "adapted": _strip(res.final)}, test=test,
+        forward_passes=_passes(res.forward_layer_passes, n_layers, gradient_pass_rows=sel.forward_rows),
+        accounting=spent)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # LASER in the same harness
 # ---------------------------------------------------------------------------------------------------------
-@dataclass
-class LaserConfig:
-    model: str
-    task: str
-    out: str
-    val_size: int = 100
-    test_size: int = 500
-    rank_fractions: tuple = DEFAULT_RANK_FRACTIONS
-    types: tuple = LASER_TYPES
-    layers: tuple | None = None         # default: every layer
-    seed: int = 0
-    scoring: str = "mean"
-    data_dir: str | None = None
-    metric: str | None = None
-    batch_tokens: int = 4096
-    share_prefix: bool = True           # run a prompt prefix common to every row once per pass (exact)
-    faithful: bool = False              # dense rebuild + full forward per candidate, as LASER's code does
-    progress: bool = True
-    threads: int | None = None
-    resume: bool = False
-    log_json: str | None = None
-
-
 def laser(cfg: LaserConfig) -> dict:
     """LASER's exhaustive search: every (type ∈ {mlp_in, mlp_out}) × layer × ρ, plain truncated SVD, selected
     by accuracy (ties by log-loss) on a validation split disjoint from the test split.
@@ -472,52 +501,33 @@ def laser(cfg: LaserConfig) -> dict:
     cache = None if cfg.faithful or task.kind == "generation" else PrefixCache()
     base_val = val.evaluate(cache, capture={r.layer for r in refs})
     timings["val_base"] = time.perf_counter() - t0
-    journal = out / JOURNAL
-    done = _read_journal(journal) if cfg.resume else {}
-    write = _journal_writer(journal)
     t1 = time.perf_counter()
-    cands, passes, t_svd = [], 0, 0.0
-    for r in tqdm(refs, desc="LASER", disable=not cfg.progress, leave=False):
-        ts = time.perf_counter()
+    # One SVD per matrix serves every ρ; each candidate holds it until the report is written, as the plan's may.
+    cands = []
+    for r in refs:
         svd = full_svd(r.weight(), name=r.name)
-        t_svd += time.perf_counter() - ts
-        for rho in cfg.rank_fractions:
-            c = Candidate(Edit(r.name, rho), r.layer, float("nan"), svd)
-            if c.key() in done:
-                c.result = done[c.key()]
-            else:
-                tc = time.perf_counter()
-                c.result = evaluate_candidate(val, c, cache, dense=cfg.faithful)
-                c.seconds = time.perf_counter() - tc
-                passes += n_layers if cache is None else n_layers - r.layer
-                write(c)
-                _emit(cfg, "candidate", **c.summary())
-            cands.append(c)
-    timings["search"] = time.perf_counter() - t1
+        cands += [Candidate(Edit(r.name, rho), r.layer, float("nan"), svd) for rho in cfg.rank_fractions]
+    t_svd = time.perf_counter() - t1
+    journal = out / JOURNAL
+    # every candidate in the order built and each with its own pass (no ΔL̂ to order by, no twin skipped)
+    res = search(val, cands, base_val, cache, n_layers, max_evals=None, progress=cfg.progress,
+                 on_result=_on_result(cfg, journal), done=_read_journal(journal) if cfg.resume else {},
+                 dense=cfg.faithful, order="given", dedupe=False)
+    timings["search"] = time.perf_counter() - t1          # the sweep, its SVDs included
     timings["svd"] = t_svd
-    ranked = rank(cands)
-    best = [ranked[0]] if ranked and better(ranked[0].result, base_val) else []
-    base_test, adapted_test = _held_out(lm, task, splits["test"], cfg, best, timings)
-    plan = Plan([c.edit for c in best], base_model=lm.model_id,
+    ranked = rank(res.evaluated)
+    plan = Plan([c.edit for c in res.best], base_model=lm.model_id,
                 meta={"task": task.name, "seed": cfg.seed, "method": "laser"})
-    _save_plan(model, plan, best, out)
+    test, spent = _conclude(lm, task, splits["test"], cfg, res.best, plan, timings, out)
     timings["total"] = time.perf_counter() - t_start
-    report = {
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-        "versions": versions(),
-        "task": {"name": task.name, "kind": task.kind, "source": task.source,
-                 "n_val": len(splits["select"]), "n_test": len(splits["test"])},
-        "plan": plan.to_json()["edits"],
-        "search": {"n_candidates": len(cands), "n_evaluated": len(cands),
-                   "significance": significance(base_val, ranked, cfg.seed),   # LASER's pick faces the same curse
-                   "candidates": [c.summary() for c in cands]},
-        "selection": {"base": _strip(base_val), "adapted": _strip(best[0].result) if best else _strip(base_val)},
-        "test": _held_out_block(base_test, adapted_test),
-        "forward_passes": {"search_layer_passes": passes, "layers": n_layers,
-                           "search_equivalent_full_passes": round(passes / n_layers, 2)},
-        "accounting": _accounting(model, plan, best),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-    }
+    report = build_report(
+        cfg, task, {"n_val": len(splits["select"]), "n_test": len(splits["test"])}, plan,
+        search={"n_candidates": len(cands), "n_evaluated": len(res.evaluated),
+                "significance": significance(base_val, ranked, cfg.seed),   # LASER's pick faces the same curse
+                "candidates": [c.summary() for c in res.candidates]},
+        selection={"base": _strip(base_val), "adapted": _strip(res.final)}, test=test,
+        forward_passes=_passes(res.forward_layer_passes, n_layers), accounting=spent)
+    report["timings"] = {k: round(v, 3) for k, v in timings.items()}
     atomic_write_text(out / REPORT, json.dumps(report, indent=2, default=str) + "\n")
     _emit(cfg, "done", out=str(out), plan=report["plan"], test=report["test"], timings=report["timings"])
     return report
@@ -526,25 +536,6 @@ def laser(cfg: LaserConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # c2i eval
 # ---------------------------------------------------------------------------------------------------------
-@dataclass
-class EvalConfig:
-    model: str
-    task: str
-    plan: str | None = None             # an adapted directory (plan.json + adapted.safetensors)
-    samples: int = 100
-    test_size: int = 500
-    seed: int = 0
-    scoring: str = "mean"
-    data_dir: str | None = None
-    metric: str | None = None
-    batch_tokens: int = 4096
-    share_prefix: bool = True           # run a prompt prefix common to every row once per pass (exact)
-    progress: bool = True
-    threads: int | None = None
-    out: str | None = None
-    log_json: str | None = None
-
-
 def evaluate_model(cfg: EvalConfig) -> dict:
     """Metrics of the base model (and of an adapted directory, if given) on the held-out split."""
     _check_common((), cfg.samples, cfg.test_size)
@@ -555,7 +546,6 @@ def evaluate_model(cfg: EvalConfig) -> dict:
     report = {"task": task.name, "n_test": len(splits["test"]), "versions": versions(), "base": _strip(base)}
     if cfg.plan:
         from .artifacts import load_adapted
-        from .transform import restore_
         load_adapted(lm.model, cfg.plan)
         try:
             held = _held_out_block(base, sc.evaluate())

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 from . import distributed
 from .decompose import SVD, count_nonfinite, full_svd, rank_for, truncation_delta
 from .errors import C2IError
-from .evaluate import PrefixCache, Scorer, decoder_layers
-from .models import MatrixRef
+from .evaluate import Scorer
+from .models import MatrixRef, decoder_layers
+from .replay import PrefixCache
 
 SCORES = ("first_order", "grad_norm")
 

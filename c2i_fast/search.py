@@ -4,7 +4,7 @@ sample as a factored forward pass (never a dense rebuild), best applied, optiona
 Every candidate first gets its first-order loss change ΔL̂ = ⟨G, Ŵ − W⟩ from the scan's single gradient (no
 forward pass; −Σ_{i>k} σᵢgᵢ for plain truncation, per-cluster tails for clustered). Candidates are evaluated
 best ΔL̂ first within each matrix, round-robin across matrices, and ``max_evals`` keeps the first ones. Each evaluation reruns only the layers
-at and above the candidate's layer (a :class:`~c2i_fast.evaluate.PrefixCache` replays the rest). Candidates
+at and above the candidate's layer (a :class:`~c2i_fast.replay.PrefixCache` replays the rest). Candidates
 whose factors are the same (:func:`factor_signature`) are scored once.
 """
 from __future__ import annotations
@@ -16,9 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .decompose import ClusteredSVD, assign_clusters, rank_for, truncation_delta
+from .decompose import ClusteredSVD, cluster_labels, fit, rank_for, truncation_delta
 from .errors import C2IError
-from .evaluate import PrefixCache, Scorer, better
+from .evaluate import Scorer, better
+from .replay import PrefixCache
 from .models import MatrixRef
 from .scan import MatrixScan
 from .transform import Edit, factorize_, restore_
@@ -26,6 +27,8 @@ from .transform import Edit, factorize_, restore_
 DEFAULT_RANK_FRACTIONS = (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01)
 DEFAULT_CLUSTERS = (1, 2, 4, 8)
 DEFAULT_METHODS = ("block", "kmeans", "projective")
+SEARCH_PROJECTIVE_ITERS = 5        # the search fits projective clustering once per (matrix, k): kept cheap
+SEARCH_PROJECTIVE_RESTARTS = 0
 
 
 @dataclass
@@ -74,28 +77,29 @@ def build_candidates(scans: list[MatrixScan], refs: dict[str, MatrixRef], rank_f
                                  truncation_delta(ms.svd, ms.g_sigma, rank_for(rho, m, n)), ms.svd))
         # Projective clustering fits k subspaces of one dimension j. Refitting it for every ρ multiplies its
         # cost by the grid, so it is fitted once per k at the rank of the ρ the scan predicts best for this
-        # matrix (argmin of the first-order ΔL̂), like block / k-means labels are computed once per k.
+        # matrix (argmin of the first-order ΔL̂), with few iterations and no restarts, like block / k-means
+        # labels are computed once per k. Each edit records that recipe, so the plan rebuilds these factors.
         best_rho = min(ms.delta, key=lambda r: (ms.delta[r], r)) if ms.delta else min(rank_fractions)
         fits: dict[tuple, ClusteredSVD] = {}      # methods that return the same partition share one fit
         for k in [k for k in clusters if k > 1]:
             for method in methods:
-                j = rank_for(best_rho, -(-m // k), n)
-                kw = {"iters": 5, "restarts": 0} if method == "projective" else {}
-                labels = assign_clusters(w, k, method, rank=j, seed=seed, **kw)
+                recipe = {} if method != "projective" else {
+                    "subspace_rank": rank_for(best_rho, -(-m // k), n), "iters": SEARCH_PROJECTIVE_ITERS,
+                    "restarts": SEARCH_PROJECTIVE_RESTARTS}
+                edits = [Edit(ms.name, rho, k, method, seed, **recipe) for rho in rank_fractions]
+                labels = cluster_labels(w, edits[0])
                 same = (k, _partition(labels))
                 if same not in fits:
                     fits[same] = ClusteredSVD.fit(w, labels, k, name=ms.name)
                 fitted = fits[same]
-                for rho in rank_fractions:
-                    out.append(Candidate(Edit(ms.name, rho, k, method, seed), ms.layer,
-                                         fitted.truncation_delta(ms.grad, rho), fitted))
+                for e in edits:
+                    out.append(Candidate(e, ms.layer, fitted.truncation_delta(ms.grad, e.rank_fraction), fitted))
     return out
 
 
-def _factors(c: Candidate):
-    if c.edit.n_clusters == 1:
-        return c.source.truncate(rank_for(c.edit.rank_fraction, *c.source.shape))
-    return c.source.factors(c.edit.rank_fraction)
+def candidate_factors(c: Candidate):
+    """The candidate's factors, from the decomposition it was scored with (what ``fit`` rebuilds from its edit)."""
+    return fit(None, c.edit, c.source)
 
 
 def _partition(labels: torch.Tensor) -> bytes:
@@ -131,7 +135,7 @@ def evaluate_candidate(scorer: Scorer, c: Candidate, cache: PrefixCache | None, 
                        dense: bool = False, within: bool = True) -> dict:
     """Swap in the candidate (on top of ``applied``), score it from its lowest edited layer, swap back. A lone
     edit (``within``) also replays what runs before it in its own layer, captured on the first candidate at
-    that matrix (:func:`c2i_fast.evaluate._within`).
+    that matrix (:func:`c2i_fast.replay.replay_within`).
 
     ``dense=True`` is the paper-faithful/LASER way, kept for the speed bench: rebuild Ŵ dense, write it into
     the weight in place and run a full forward (no factored modules, no prefix cache).
@@ -141,7 +145,7 @@ def evaluate_candidate(scorer: Scorer, c: Candidate, cache: PrefixCache | None, 
     todo = extra + [c]
     if dense:
         return _evaluate_dense(scorer, todo)
-    factorize_(model, [a.edit for a in todo], factors={a.edit.matrix: _factors(a) for a in todo})
+    factorize_(model, [a.edit for a in todo], factors={a.edit.matrix: candidate_factors(a) for a in todo})
     try:
         # Scorer.run falls back to a full pass (capturing the layer) when the cache has no entry for it.
         return scorer.evaluate(cache, start_layer=min(a.layer for a in todo),
@@ -157,7 +161,7 @@ def _evaluate_dense(scorer: Scorer, todo: list[Candidate]) -> dict:
     try:
         with torch.no_grad():
             for a, r in zip(todo, refs):
-                w_hat = _factors(a).reconstruct().to(r.param.dtype)
+                w_hat = candidate_factors(a).reconstruct().to(r.param.dtype)
                 r.param.data.copy_(w_hat.T if r.transposed else w_hat)
         return scorer.evaluate()
     finally:
@@ -223,7 +227,7 @@ def rank(evaluated: list[Candidate]) -> list[Candidate]:
 def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: PrefixCache | None,
            n_layers: int, max_evals: int | None = None, compose: int = 0, loss_kind: str = "answer",
            progress: bool = True, on_result=None, done: dict[str, dict] | None = None,
-           dense: bool = False) -> SearchResult:
+           dense: bool = False, order: str = "interleave", dedupe: bool = True) -> SearchResult:
     """Evaluate candidates in :func:`interleave` order (at most ``max_evals``), pick the best that beats the base
     model (accuracy, ties by log-loss), then greedily try to compose up to ``compose`` more edits on other
     matrices, each kept only if it improves the selection score.
@@ -231,13 +235,18 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
     ``done`` maps candidate keys to results already evaluated (a resumed run); ``on_result(candidate)`` is
     called after each new evaluation (the journal). A candidate whose factors equal an earlier one's
     (:func:`factor_signature`) still takes its slot of ``max_evals`` but gets that one's result, with no pass.
+
+    ``order="given"`` evaluates the candidates as listed and ``dedupe=False`` gives every one its own pass:
+    LASER's exhaustive sweep, whose candidates have no ΔL̂ to order by (NaN) and are all scored.
     """
+    if order not in ("interleave", "given"):
+        raise ValueError(f"order must be 'interleave' or 'given', got {order!r}")
     t0 = time.perf_counter()
-    order = interleave(candidates)
-    todo = order if not max_evals else order[:max_evals]
+    ordered = interleave(candidates) if order == "interleave" else list(candidates)
+    todo = ordered if not max_evals else ordered[:max_evals]
     passes = 0
     # no pass for a candidate whose factors were scored already (the dense paper-faithful / LASER way scores all)
-    same = {} if dense else duplicates(todo)
+    same = duplicates(todo) if dedupe and not dense else {}
     share = set(distributed.mine(len(todo)))          # every index in a single process
     local = {}
     for i, c in enumerate(tqdm(todo, desc="search", disable=not progress, leave=False)):
@@ -290,5 +299,5 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
             if better(res, final):
                 plan.append(c)
                 final = res
-    return SearchResult(order, evaluated, plan, base, final, rho_corr,
+    return SearchResult(ordered, evaluated, plan, base, final, rho_corr,
                         {"search": time.perf_counter() - t0}, passes)

@@ -263,13 +263,15 @@ def check_tokenization(task: Task, tokenizer) -> Task:
 # Splits
 # ---------------------------------------------------------------------------------------------------------
 def split(task: Task, n_select: int = 100, n_test: int | None = 500, seed: int = 0, n_val: int = 0,
-          draw: int = 0, n_draws: int = 1) -> dict[str, list[Example]]:
-    """Deterministic, non-overlapping splits from a seed: ``select`` (n_select), ``val`` (n_val), ``test``.
+          draw: int = 0, n_draws: int = 1, n_confirm: int = 0) -> dict[str, list[Example]]:
+    """Deterministic, non-overlapping splits from a seed: ``select`` (n_select), ``val`` (n_val), ``test``,
+    ``confirm`` (up to n_confirm: fewer, or none, where the task runs out).
 
     Groups (one CounterFact fact, one TruthfulQA question) are shuffled as units; a group cut by a split
     boundary has its remaining members dropped, so no group straddles two splits. ``draw`` takes the
     draw-th of ``n_draws`` disjoint selection samples of the same shuffle (for --draws): all draws come first,
-    then val, then test, so every draw is judged on the same held-out set.
+    then val, then test, so every draw is judged on the same held-out set. The confirmation rows come last, so
+    asking for them leaves the selection and held-out rows of a seed exactly as they were.
     """
     if not 0 <= draw < max(1, n_draws):
         raise C2IError(f"draw {draw} is outside [0, {n_draws})")
@@ -299,15 +301,24 @@ def split(task: Task, n_select: int = 100, n_test: int | None = 500, seed: int =
                        + (f" (draw {draw})" if draw else ""))
     if not test:
         raise C2IError(f"task {task.name}: no examples left for the held-out test set")
-    return {"select": select, "val": val, "test": test}
+    confirm = take(n_confirm) if n_confirm else []
+    return {"select": select, "val": val, "test": test, "confirm": confirm}
 
 
 def majority_baseline(examples: list[Example]) -> dict:
-    """Rate of the most frequent gold label (classification) or answer string (others) in ``examples``."""
+    """Rate of the most frequent gold label (classification) or answer string (others) in ``examples``.
+
+    With choices, the gold label is a position in the row's choice list. When every row has the same choices
+    the label is that choice's text ("true"); when choices differ per row (a multiple-choice task) the
+    baseline is "always answer position i", labelled "position i". ``chance`` is the mean of 1/#choices
+    (classification only)."""
     if not examples:
         return {"label": None, "accuracy": float("nan")}
     counts = Counter(ex.label if ex.label is not None else ex.target.strip().lower() for ex in examples)
     label, n = counts.most_common(1)[0]
+    out = {"label": label, "accuracy": n / len(examples)}
     if examples[0].choices is not None:
-        label = examples[0].choices[label].strip()
-    return {"label": label, "accuracy": n / len(examples)}
+        same = all(ex.choices == examples[0].choices for ex in examples)
+        out["label"] = examples[0].choices[label].strip() if same else f"position {label}"
+        out["chance"] = sum(1 / len(ex.choices) for ex in examples) / len(examples)
+    return out

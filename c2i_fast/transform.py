@@ -8,159 +8,19 @@ what ``restore_`` reinstates and what :func:`base_named_parameters` reads to fin
 """
 from __future__ import annotations
 
-import json
-import numbers
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from .decompose import (CLUSTER_METHODS, SVD, ClusteredFactors, ClusteredSVD, LowRankFactors, decompose,
-                        rank_for)
+from .decompose import SVD, ClusteredFactors, ClusteredSVD, LowRankFactors, fit
 from .errors import C2IError
-from .nn import FACTORED_TYPES, ClusteredLowRankLinear, LowRankLinear, is_conv1d
+from .io import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported for older importers)
+from .nn import FACTORED_TYPES, ClusteredLowRankLinear, LowRankLinear, linear_weight
+from .plan import PLAN_FORMAT, Edit, Plan  # noqa: F401  (Edit and Plan are part of this module's API)
 
-PLAN_FORMAT = "c2i_fast.plan/1"
 _ORIGINAL = "_c2i_original"   # key in a factored module's __dict__: the module it replaced
 _EDIT = "c2i_edit"            # attribute of a factored module: the Edit that produced it
-
-
-@dataclass(frozen=True)
-class Edit:
-    """Replace module ``matrix`` (e.g. ``"model.layers.25.mlp.up_proj"``) by its rank-fraction-ρ factorization,
-    with rows split into ``n_clusters`` clusters by ``method`` (``seed`` for k-means / projective)."""
-    matrix: str
-    rank_fraction: float
-    n_clusters: int = 1
-    method: str = "block"
-    seed: int = 0
-
-    def __post_init__(self):
-        if not isinstance(self.matrix, str) or not self.matrix:
-            raise C2IError(f"edit matrix must be a non-empty module name, got {self.matrix!r}")
-        rank_for(self.rank_fraction, 1, 1)    # raises C2IError for ρ outside (0, 1]
-        if (isinstance(self.n_clusters, bool) or not isinstance(self.n_clusters, numbers.Integral)
-                or self.n_clusters < 1):
-            raise C2IError(f"edit {self.matrix!r}: n_clusters={self.n_clusters!r} must be an integer >= 1")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise C2IError(f"edit {self.matrix!r}: seed={self.seed!r} must be an integer")
-        if not isinstance(self.method, str) or self.method not in CLUSTER_METHODS:
-            raise C2IError(f"edit {self.matrix!r}: unknown clustering method {self.method!r}; choose one of "
-                           f"{', '.join(CLUSTER_METHODS)}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "Edit":
-        if not isinstance(d, Mapping):
-            raise C2IError(f"a plan edit must be a JSON object, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        extra = set(d) - known
-        if extra:
-            raise C2IError(f"unknown edit field(s) {sorted(extra)}; known: {sorted(known)}")
-        if "matrix" not in d or "rank_fraction" not in d:
-            raise C2IError(f"an edit needs 'matrix' and 'rank_fraction', got {dict(d)}")
-        return cls(**d)
-
-
-@dataclass
-class Plan:
-    """What to factorize in which base model. JSON form: ``{"format", "base_model", "fingerprint", "edits",
-    "meta"}``; ``fingerprint`` is :func:`c2i_fast.artifacts.fingerprint` of the base model (or None)."""
-    edits: list[Edit]
-    base_model: str = ""
-    fingerprint: str | None = None
-    meta: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.edits = [e if isinstance(e, Edit) else Edit.from_dict(e) for e in self.edits]
-        seen = set()
-        for e in self.edits:
-            if e.matrix in seen:
-                raise C2IError(f"plan edits matrix {e.matrix!r} twice")
-            seen.add(e.matrix)
-
-    def to_json(self) -> dict:
-        """A JSON-serialisable dict."""
-        return {"format": PLAN_FORMAT, "base_model": self.base_model, "fingerprint": self.fingerprint,
-                "edits": [e.to_dict() for e in self.edits], "meta": self.meta}
-
-    @classmethod
-    def from_json(cls, d: Mapping | str) -> "Plan":
-        """From :meth:`to_json`'s dict (or its JSON text)."""
-        if isinstance(d, str):
-            try:
-                d = json.loads(d)
-            except json.JSONDecodeError as e:
-                raise C2IError(f"plan is not valid JSON: {e}") from e
-        if not isinstance(d, Mapping) or "edits" not in d:
-            raise C2IError("a plan must be a JSON object with an 'edits' list")
-        fmt = d.get("format", PLAN_FORMAT)
-        if fmt != PLAN_FORMAT:
-            raise C2IError(f"unsupported plan format {fmt!r} (this version reads {PLAN_FORMAT!r})")
-        if not isinstance(d["edits"], list):
-            raise C2IError("plan 'edits' must be a list")
-        meta, base, fp = d.get("meta") or {}, d.get("base_model", "") or "", d.get("fingerprint")
-        if not isinstance(meta, Mapping):
-            raise C2IError(f"plan 'meta' must be a JSON object, got {type(meta).__name__}")
-        if not isinstance(base, str):
-            raise C2IError(f"plan 'base_model' must be a string, got {type(base).__name__}")
-        if fp is not None and not isinstance(fp, str):
-            raise C2IError(f"plan 'fingerprint' must be a string or null, got {type(fp).__name__}")
-        return cls(edits=[Edit.from_dict(e) for e in d["edits"]], base_model=base, fingerprint=fp, meta=dict(meta))
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write JSON atomically (temp file in the same directory, then ``os.replace``)."""
-        path = Path(path)
-        atomic_write_text(path, json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Plan":
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise C2IError(f"cannot read plan file {path}: {e}") from e
-        try:
-            return cls.from_json(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise C2IError(f"plan file {path} is not valid JSON: {e}") from e
-        except C2IError as e:
-            raise C2IError(f"plan file {path}: {e}") from e
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a partial one."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory, fsync, ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,7 +78,7 @@ def base_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]
 # ---------------------------------------------------------------------------------------------------------
 # factorize_ / restore_
 # ---------------------------------------------------------------------------------------------------------
-def _locate(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
+def locate(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
     """(parent module, attribute name, module) for a dotted module name."""
     if not name:
         raise C2IError("cannot factorize the model itself: name a linear submodule")
@@ -242,23 +102,15 @@ def _as_edits(plan_or_edits) -> list[Edit]:
     return edits
 
 
-def _dense_weight(mod: nn.Module, name: str) -> torch.Tensor:
-    if is_conv1d(mod):
-        return mod.weight.T
-    if isinstance(mod, nn.Linear):
-        return mod.weight
-    raise C2IError(f"module {name!r} is a {type(mod).__name__}; only nn.Linear and Conv1D can be factorized")
-
-
 def factorize_(model: nn.Module, plan_or_edits: Plan | Edit | Iterable[Edit | dict],
                *, factors: Mapping[str, LowRankFactors | ClusteredFactors] | None = None,
                svds: Mapping[str, SVD | ClusteredSVD] | None = None) -> nn.Module:
     """Swap the named modules of ``model`` in place for :class:`LowRankLinear` (k = 1) or
     :class:`ClusteredLowRankLinear` (k > 1) and return ``model``.
 
-    ``factors[name]`` (used as is) or ``svds[name]`` (an :class:`SVD` of W for k = 1, or a fitted
-    :class:`ClusteredSVD` with the edit's k) spare the decomposition; otherwise it is computed from the
-    ORIGINAL dense weight in fp32. Factors are stored in the original weight's dtype, on its device. A module
+    ``factors[name]`` (used as is) or ``svds[name]`` (an :class:`SVD` of W for k = 1, or a
+    :class:`ClusteredSVD` fitted with the edit's clustering) spare the decomposition; otherwise
+    :func:`c2i_fast.decompose.fit` computes it from the ORIGINAL dense weight in fp32. Factors are stored in the original weight's dtype, on its device. A module
     that is already factored is restored first, so re-applying an edit is idempotent. All names are checked
     before anything is swapped.
     """
@@ -268,11 +120,11 @@ def factorize_(model: nn.Module, plan_or_edits: Plan | Edit | Iterable[Edit | di
     # Pass 1: resolve every target (unknown names fail before any swap).
     targets = []
     for e in edits:
-        parent, attr, mod = _locate(model, e.matrix)
+        parent, attr, mod = locate(model, e.matrix)
         base = original_of(mod) if is_factored(mod) else mod
         if base is None:
             raise C2IError(f"module {e.matrix!r} is factored but keeps no original to refactorize from")
-        w = _dense_weight(base, e.matrix)
+        w = linear_weight(base, name=e.matrix)
         if not 1 <= e.n_clusters <= w.shape[0]:
             raise C2IError(f"edit {e.matrix!r}: n_clusters={e.n_clusters} must satisfy "
                            f"1 <= n_clusters <= {w.shape[0]} (rows)")
@@ -283,14 +135,9 @@ def factorize_(model: nn.Module, plan_or_edits: Plan | Edit | Iterable[Edit | di
         f = factors.get(e.matrix)
         if f is None:
             s = svds.get(e.matrix)
-            if e.n_clusters == 1:
-                f = decompose(w, e.rank_fraction, svd=s if isinstance(s, SVD) else None, name=e.matrix)
-            elif isinstance(s, ClusteredSVD) and s.n_clusters == e.n_clusters:
-                if s.shape != (m, n):
-                    raise C2IError(f"clustered SVD for {e.matrix!r} has shape {s.shape}, weight is {m}x{n}")
-                f = s.factors(e.rank_fraction)
-            else:
-                f = decompose(w, e.rank_fraction, e.n_clusters, e.method, e.seed, name=e.matrix)
+            usable = isinstance(s, SVD) if e.n_clusters == 1 else (
+                isinstance(s, ClusteredSVD) and s.n_clusters == e.n_clusters)
+            f = fit(w, e, s if usable else None, name=e.matrix)
         if tuple(f.shape) != (m, n):
             raise C2IError(f"factors for {e.matrix!r} have shape {tuple(f.shape)}, its weight is {m}x{n}")
         f = f.to(device=w.device)
@@ -321,7 +168,7 @@ def restore_(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.M
     else:
         todo = [names] if isinstance(names, str) else list(names)
     for name in todo:
-        parent, attr, mod = _locate(model, name)
+        parent, attr, mod = locate(model, name)
         if not is_factored(mod):
             raise C2IError(f"module {name!r} is not factored; nothing to restore")
         orig = original_of(mod)

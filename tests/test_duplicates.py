@@ -10,10 +10,11 @@ import torch
 
 import c2i_fast.search as search_mod
 from c2i_fast.decompose import full_svd
-from c2i_fast.evaluate import PrefixCache, Scorer, decoder_layers
-from c2i_fast.models import target_matrices
+from c2i_fast.evaluate import Scorer
+from c2i_fast.models import decoder_layers, target_matrices
+from c2i_fast.replay import PrefixCache
 from c2i_fast.scan import MatrixScan
-from c2i_fast.search import _factors, build_candidates, duplicates, factor_signature, search
+from c2i_fast.search import candidate_factors, build_candidates, duplicates, factor_signature, search
 from c2i_fast.tasks import check_tokenization, load_task, split
 
 LAYER = 20
@@ -43,7 +44,7 @@ def test_same_signature_exactly_when_same_factors(smollm2):
     assert factor_signature(saturated[0]) == factor_signature(saturated[1])
     assert factor_signature(key[f"{MATRIX}|0.05|1|block|0"]) != factor_signature(key[f"{MATRIX}|0.01|1|block|0"])
     for a, b in itertools.combinations(cands, 2):
-        fa, fb = _factors(a), _factors(b)
+        fa, fb = candidate_factors(a), candidate_factors(b)
         if factor_signature(a) == factor_signature(b):
             ta, tb = _tensors(fa), _tensors(fb)
             assert ta and len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb)), (a.key(), b.key())

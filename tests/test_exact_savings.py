@@ -10,8 +10,9 @@ import dataclasses
 import pytest
 import torch
 
-from c2i_fast.evaluate import PrefixCache, Scorer, decoder_layers, last_layer_positionwise
-from c2i_fast.models import find_matrix, target_matrices
+from c2i_fast.evaluate import Scorer
+from c2i_fast.models import decoder_layers, find_matrix, last_layer_positionwise, target_matrices
+from c2i_fast.replay import PrefixCache
 from c2i_fast.scan import gradients, scan
 from c2i_fast.search import build_candidates, evaluate_candidate
 from c2i_fast.tasks import check_tokenization, load_task, split

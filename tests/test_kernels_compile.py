@@ -10,26 +10,20 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import KERNELS_IMPORT
 
 pytest.importorskip("triton")
-REPO = Path(__file__).resolve().parents[1]
 
-SCRIPT = f"""
-import importlib, importlib.util, json, sys, warnings
+KERNELS = {"_lowrank_fwd_xv_kernel", "_lowrank_fwd_tu_kernel", "_clustered_fwd_tu_kernel",
+           "_clustered_reconstruct_kernel", "_batched_matmul_kernel"}
+
+SCRIPT = KERNELS_IMPORT + """
+import importlib, json, warnings
 warnings.filterwarnings("ignore")
 import torch
-try:
-    K = importlib.import_module("c2i_fast.kernels")
-except Exception:
-    root = {str(REPO / "kernels")!r}
-    spec = importlib.util.spec_from_file_location("c2i_fast.kernels", root + "/__init__.py",
-                                                  submodule_search_locations=[root])
-    K = importlib.util.module_from_spec(spec)
-    sys.modules["c2i_fast.kernels"] = K
-    spec.loader.exec_module(K)
+K = load_kernels()
 cc = importlib.import_module(K.__name__ + ".compile_check")
 # bf16 covers every 16-bit kernel/config (fp16 differs only in the element type); fp32 adds the fp32 paths
 # and the rSVD GEMM.
@@ -56,8 +50,7 @@ def rows():
 
 
 def test_every_kernel_compiles_for_sm90(rows):
-    kernels = {r["kernel"] for r in rows}
-    assert kernels == {"_xv_kernel", "_tu_kernel", "_clustered_tu_kernel", "_reconstruct_kernel", "_bmm_kernel"}
+    assert {r["kernel"] for r in rows} == KERNELS
     bad = []
     for r in rows:
         if not r["smem_ok"] or r["mma"] not in ("wgmma", "mma.sync") or (r.get("spill_bytes") or 0) > 0:
@@ -73,6 +66,5 @@ def test_every_kernel_compiles_for_sm80():
     is asked for sm_80, there being no sm_80a). The launch configurations are Hopper's: there some prefill tiles
     spill (reported in the README), so spills are not asserted here."""
     rows = _report(80)
-    assert {r["kernel"] for r in rows} == {"_xv_kernel", "_tu_kernel", "_clustered_tu_kernel", "_reconstruct_kernel",
-                                           "_bmm_kernel"}
+    assert {r["kernel"] for r in rows} == KERNELS
     assert all(r["smem_ok"] and r["mma"] == "mma.sync" and r["regs"] for r in rows), json.dumps(rows, indent=1)

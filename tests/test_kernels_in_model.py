@@ -85,6 +85,7 @@ def test_factored_smollm2_logits_through_triton(lm, monkeypatch):
     assert clear.any() and torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
 
 
+@pytest.mark.slow   # two real `adapt` runs (no real-model fixture for conftest's hook to see)
 def test_search_through_triton_matches_reference(tmp_path, data_dir, monkeypatch):
     """A small real `adapt` (FEVER, 16 selection rows, the MLP matrices, 6 candidates) with the kernels and with
     the reference:

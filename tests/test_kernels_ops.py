@@ -14,34 +14,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported (see kernels/utils.launchable)
 
-import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from helpers import KERNELS_IMPORT, assert_close, load_kernels  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-LOADER = f"""
-import importlib, importlib.util, sys
-def load_kernels():
-    if "c2i_fast.kernels" in sys.modules:
-        return sys.modules["c2i_fast.kernels"]
-    try:
-        return importlib.import_module("c2i_fast.kernels")
-    except Exception:
-        if "c2i_fast.kernels" in sys.modules:
-            raise
-    root = {str(REPO / "kernels")!r}
-    spec = importlib.util.spec_from_file_location("c2i_fast.kernels", root + "/__init__.py",
-                                                  submodule_search_locations=[root])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["c2i_fast.kernels"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-"""
-exec(LOADER)
-K = load_kernels()  # noqa: F821  (c2i_fast.kernels, installed or straight from the source tree)
+K = load_kernels()   # c2i_fast.kernels, installed or straight from the source tree
 naive = K.naive
 lowrank_mod = sys.modules[K.__name__ + ".lowrank"]
 clustered_mod = sys.modules[K.__name__ + ".clustered"]
@@ -57,14 +36,6 @@ needs_triton = pytest.mark.skipif(not K.HAS_TRITON, reason="triton not installed
 def triton_backend(monkeypatch):
     monkeypatch.setenv("C2I_KERNELS", "triton")
     monkeypatch.setenv("C2I_KERNELS_POISON", "1")
-
-
-def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    assert not torch.isnan(out).any(), "NaN in output (unwritten element?)"
-    out, ref = out.double().cpu(), ref.double().cpu()
-    den = ref.norm().item()
-    return (out - ref).norm().item() / (den if den > 0 else 1.0)
 
 
 def rnd(*shape, dtype=torch.float32, gen=None, scale=1.0):
@@ -104,8 +75,8 @@ def test_lowrank_matmul_triton(triton_backend, shape, dtype, path):
     truth = (truth * s.double() if s is not None else truth) @ u.double().T
     truth = truth + b.double() if b is not None else truth
     ref = naive.lowrank_matmul(x, u, v, s, b)
-    assert relerr(y, truth) <= TOL[dtype]
-    assert relerr(ref, truth) <= TOL[dtype]
+    assert_close(y, truth, TOL[dtype], name="triton")
+    assert_close(ref, truth, TOL[dtype], name="reference")
 
 
 @needs_triton
@@ -115,7 +86,8 @@ def test_lowrank_dispatcher_uses_triton_when_forced(triton_backend, monkeypatch)
     monkeypatch.setattr(lowrank_mod, "lowrank_matmul_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, u, v = rnd(3, 20), rnd(30, 4), rnd(20, 4)
     y = K.lowrank_matmul(x, u, v)
-    assert calls and relerr(y, x.double() @ v.double() @ u.double().T) < 1e-5
+    assert calls
+    assert_close(y, x.double() @ v.double() @ u.double().T, 1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -132,12 +104,12 @@ def test_lowrank_backward(monkeypatch, backend):
     leaves64 = [t.double().clone().requires_grad_() for t in (x, u, v, s, b)]
     xd, ud, vd, sd, bd = leaves64
     (((xd @ vd) * sd @ ud.T + bd) * gy.double()).sum().backward()
-    for got, want in zip(leaves, leaves64):
-        assert relerr(got.grad, want.grad) <= 1e-5
+    for got, want, name in zip(leaves, leaves64, ["x", "u", "v", "s", "bias"]):
+        assert_close(got.grad, want.grad, 1e-5, name=name)
     # without s/bias, only some inputs needing grad
     x1, u1 = x.clone().requires_grad_(), u.clone()
     K.lowrank_matmul(x1, u1, v).sum().backward()
-    assert relerr(x1.grad, (torch.ones(2, 7, 21, device=DEVICE).double() @ u.double() @ v.double().T)) < 1e-5
+    assert_close(x1.grad, torch.ones(2, 7, 21, device=DEVICE).double() @ u.double() @ v.double().T, 1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- clustered
@@ -190,8 +162,8 @@ def test_clustered_lowrank_matmul_triton(triton_backend, case, dtype, tokens):
         if truth.norm() == 0:   # all rank 0, no bias
             assert not torch.isnan(y).any() and y.abs().max() == 0
             continue
-        assert relerr(y, truth) <= TOL[dtype]
-        assert relerr(ref, truth) <= TOL[dtype]
+        assert_close(y, truth, TOL[dtype], name="triton")
+        assert_close(ref, truth, TOL[dtype], name="reference")
 
 
 @needs_triton
@@ -204,7 +176,7 @@ def test_clustered_paths(triton_backend, path):
     v_cat, u_packed, ri, ro, ko, w = make_clusters(m, n, sizes, ranks, torch.float16, g)
     x = rnd(33, n, dtype=torch.float16, gen=g)
     y = clustered_mod.clustered_lowrank_matmul_triton(x, v_cat, u_packed, ri, ro, ko, None, **path)
-    assert relerr(y, x.double().cpu() @ w.T) <= TOL[torch.float16]
+    assert_close(y, x.double().cpu() @ w.T, TOL[torch.float16])
 
 
 def test_clustered_properties(monkeypatch):
@@ -224,9 +196,9 @@ def test_clustered_properties(monkeypatch):
         v_cat, u_packed, ri, ro, ko, w = make_clusters(sum(sizes), n, sizes, ranks, torch.float32, g)
         x = rnd(tokens, n, gen=g)
         y = K.clustered_lowrank_matmul(x, v_cat, u_packed, ri, ro, ko)
-        assert relerr(y, x.double().cpu() @ w.T) <= 1e-5
+        assert_close(y, x.double().cpu() @ w.T, 1e-5, name="matmul")
         wh = K.clustered_reconstruct(v_cat, u_packed, ri, ro, ko)
-        assert relerr(wh, w) <= 1e-5
+        assert_close(wh, w, 1e-5, name="reconstruct")
 
     check()
 
@@ -246,7 +218,7 @@ def test_clustered_backward(monkeypatch, backend):
     (naive.clustered_lowrank_matmul(d[0], d[1], d[2], ri, ro, ko, d[3]) * gy.double()).sum().backward()
     for got, want, name in zip(leaves, d, ["x", "v_cat", "u_packed", "bias"]):
         # u_packed columns >= r_c are padding: the reference's grad there is 0, ours too
-        assert relerr(got.grad, want.grad) <= 1e-5, name
+        assert_close(got.grad, want.grad, 1e-5, name=name)
 
 
 # --------------------------------------------------------------------------------------------- reconstruct
@@ -273,12 +245,12 @@ def test_clustered_reconstruct_triton(triton_backend, case, dtype, batch):
     if w.norm() == 0:
         assert not torch.isnan(out).any() and out.abs().max() == 0
         return
-    assert relerr(out, w) <= TOL[dtype]
-    assert relerr(ref, w) <= TOL[dtype]
+    assert_close(out, w, TOL[dtype], name="triton")
+    assert_close(ref, w, TOL[dtype], name="reference")
     if batch is not None:  # a 1-D row_index is shared by the whole batch
         shared = K.clustered_reconstruct(v_cat, u_packed, ri[0], ro, ko)
         want = naive.clustered_reconstruct(v_cat, u_packed, ri[0], ro, ko)
-        assert relerr(shared, want) <= TOL[dtype]
+        assert_close(shared, want, TOL[dtype], name="shared row_index")
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -294,7 +266,8 @@ def test_clustered_reconstruct_backward(monkeypatch, batched):
     (K.clustered_reconstruct(a, b, ri, ro, ko) * gw).sum().backward()
     ad, bd = v_cat.double().clone().requires_grad_(), u_packed.double().clone().requires_grad_()
     (naive.clustered_reconstruct(ad, bd, ri, ro, ko) * gw.double()).sum().backward()
-    assert relerr(a.grad, ad.grad) <= 1e-5 and relerr(b.grad, bd.grad) <= 1e-5
+    assert_close(a.grad, ad.grad, 1e-5, name="v_cat")
+    assert_close(b.grad, bd.grad, 1e-5, name="u_packed")
 
 
 # ------------------------------------------------------------------------------------------ dispatch etc.
@@ -344,7 +317,7 @@ def test_interpreter_problem_gives_one_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(utils, "interpreter_problem", lambda: "triton 9.9's interpreter cannot run loops here")
     with pytest.raises(utils.InterpreterUnavailable, match="triton 9.9"):
-        utils.launchable(lowrank_mod._xv_kernel)
+        utils.launchable(lowrank_mod._lowrank_fwd_xv_kernel)
 
 
 def test_poison_allocates_nan(monkeypatch):
@@ -384,7 +357,7 @@ def test_registered_ops_and_torch_compile(monkeypatch):
 
 def test_import_without_triton():
     """c2i_fast.kernels imports and runs the references when triton is not installed."""
-    code = LOADER + """
+    code = KERNELS_IMPORT + """
 sys.modules["triton"] = None      # `import triton` now raises ImportError
 import torch
 K = load_kernels()
@@ -405,7 +378,7 @@ print("ok")
 def test_interpreter_enabled_after_import():
     """Other test modules may import c2i_fast (hence triton and the kernels) before TRITON_INTERPRET=1 is set;
     the launchers must still run the kernels in the interpreter then."""
-    code = LOADER + """
+    code = KERNELS_IMPORT + """
 import os
 import torch
 K = load_kernels()

@@ -1,6 +1,7 @@
 """Matrix enumeration per architecture family. Structure only: the models are built from small configs with
 random weights (no claim about accuracy is made here); the real-weights checks use SmolLM2 elsewhere."""
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 from torch import nn
 
 from c2i_fast.errors import C2IError
-from c2i_fast.models import LASER_TYPES, target_matrices
+from c2i_fast.models import (LASER_TYPES, decoder_layers, last_layer_positionwise, layer_root, supports_shared_prefix,
+                             target_matrices)
 
 
 def _build(family):
@@ -61,6 +63,22 @@ def test_each_family_enumerates_its_matrices(family):
     assert torch.allclose(y - (ref.module.bias if ref.module.bias is not None else 0), x @ ref.weight().T,
                           atol=1e-5)
     assert {r.type for r in target_matrices(model, LASER_TYPES)} == {"mlp_in", "mlp_out"}
+    blocks = decoder_layers(model)
+    assert len(blocks) == 2 and blocks[1] is model.get_submodule(layer_root(mlp_in))
+
+
+def test_layer_structure_for_the_scorer():
+    """The last layer's position-wise matrices (run at the read columns only) and the shared-prefix check:
+    decoder-only ``*ForCausalLM`` with full attention only."""
+    llama = _build("llama")
+    assert layer_root("model.layers.1.mlp.down_proj") == "model.layers.1"
+    assert last_layer_positionwise(llama) == [f"model.layers.1.{n}" for n in (
+        "self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert supports_shared_prefix(llama)
+    assert not supports_shared_prefix(_build("gemma3"))          # sliding-window layers
+    for family in ("roberta", "gpt2"):                          # a masked LM; GPT2LMHeadModel is no *ForCausalLM
+        model = _build(family)
+        assert last_layer_positionwise(model) == [] and not supports_shared_prefix(model)
 
 
 def test_unknown_architecture_is_named():
@@ -78,6 +96,10 @@ def test_random_weights_of_a_real_architecture(smollm2, tmp_path):
     arch = save_architecture("smollm2", tmp_path / "arch")
     assert (arch / "config.json").is_file() and (arch / "tokenizer.json").is_file()
     assert not list(arch.glob("*.safetensors")) and not list(arch.glob("*.bin"))   # no weights travel
+    assert json.loads((arch / "c2i_source.json").read_text()) == {"architecture_of": "smollm2", "weights": None}
+    (arch / "stale.txt").write_text("from an older save")
+    assert save_architecture("smollm2", arch) == arch and not (arch / "stale.txt").exists()   # replaced whole
+    assert [p.name for p in tmp_path.iterdir()] == ["arch"]                         # no temp directory left
     rng = torch.random.get_rng_state()
     a, b = load_model(f"random:{arch}"), load_model(f"random:{arch}")
     assert torch.equal(torch.random.get_rng_state(), rng)

@@ -7,14 +7,9 @@ from transformers.pytorch_utils import Conv1D
 from c2i_fast.decompose import ClusteredSVD, assign_clusters, full_svd, rank_for
 from c2i_fast.errors import C2IError
 from c2i_fast.nn import ClusteredLowRankLinear, LowRankLinear, linear_weight
+from helpers import assert_close
 
 SHAPES = [(63, 500), (500, 63), (1, 5), (7, 1), (32, 32)]   # (out, in)
-
-
-def _rel(y, ref) -> float:
-    """Relative error in float64."""
-    y, ref = y.detach().double(), ref.detach().double()
-    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _linear(out_f, in_f, bias=True, seed=0):
@@ -43,9 +38,9 @@ def test_lowrank_forward_matches_dense_reconstruction(shape, bias, rho):
     x = torch.randn(2, 3, shape[1])
     y = mod(x)
     assert y.shape == (2, 3, shape[0]) and y.dtype == torch.float32
-    assert _rel(y, _ref(x, mod)) < 1e-5
+    assert_close(y, _ref(x, mod), 1e-5)
     if rho == 1.0:   # full rank: the same function as the layer it replaces
-        assert _rel(y, lin(x)) < 1e-5
+        assert_close(y, lin(x), 1e-5)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -59,9 +54,9 @@ def test_clustered_forward_matches_dense_reconstruction(shape, bias, method):
         assert mod.n_clusters == k and mod.out_features == shape[0]
         y = mod(x)
         assert y.shape == (4, shape[0])
-        assert _rel(y, _ref(x, mod)) < 1e-5
+        assert_close(y, _ref(x, mod), 1e-5)
         if k == shape[0]:    # one row per cluster, rank 1 each: exact
-            assert _rel(y, lin(x)) < 1e-5
+            assert_close(y, lin(x), 1e-5)
 
 
 def test_clustered_with_empty_clusters():
@@ -70,8 +65,8 @@ def test_clustered_with_empty_clusters():
     mod = ClusteredLowRankLinear.from_linear(lin, 1.0, 4, labels=labels)
     assert mod.cluster_sizes == [4, 0, 5, 0] and mod.ranks[1] == 0 and mod.ranks[3] == 0
     x = torch.randn(3, 6)
-    assert _rel(mod(x), lin(x)) < 1e-5      # ρ = 1 on the non-empty clusters: exact
-    assert _rel(mod(x), _ref(x, mod)) < 1e-5
+    assert_close(mod(x), lin(x), 1e-5)      # ρ = 1 on the non-empty clusters: exact
+    assert_close(mod(x), _ref(x, mod), 1e-5)
 
 
 @pytest.mark.parametrize("clustered", [False, True])
@@ -86,9 +81,9 @@ def test_conv1d_replacement_computes_the_same_function(clustered):
     else:
         mod = LowRankLinear.from_linear(conv, 1.0)
     assert mod.in_features == 20 and mod.out_features == 48
-    assert _rel(mod(x), conv(x)) < 1e-5
+    assert_close(mod(x), conv(x), 1e-5)
     low = LowRankLinear.from_linear(conv, 0.25)
-    assert _rel(low(x), _ref(x, low)) < 1e-5
+    assert_close(low(x), _ref(x, low), 1e-5)
 
 
 def test_from_linear_reuses_svd_and_checks_shape():
@@ -131,7 +126,7 @@ def test_dtype_moves(clustered):
         assert b.dtype == torch.int64          # routing metadata is never cast
     y16 = h(x.half())
     assert y16.dtype == torch.float16
-    assert _rel(y16, y32) < 3e-3
+    assert_close(y16, y32, 3e-3)
     assert h.dense_weight().dtype == torch.float16
 
 

@@ -4,7 +4,8 @@ BigBench epistemic reasoning (multi-token choices "entailment" / "non-entailment
 import pytest
 import torch
 
-from c2i_fast.evaluate import PrefixCache, Scorer
+from c2i_fast.evaluate import Scorer
+from c2i_fast.replay import PrefixCache
 from c2i_fast.tasks import check_tokenization, load_task, split
 
 

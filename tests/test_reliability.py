@@ -62,8 +62,9 @@ def test_out_dir_in_use_is_refused(tmp_path):
 
 def test_out_of_memory_halves_the_batch_and_gives_the_same_numbers(smollm2, data_dir):
     import torch
-    from c2i_fast.evaluate import PrefixCache, Scorer
+    from c2i_fast.evaluate import Scorer
     from c2i_fast.models import target_matrices
+    from c2i_fast.replay import PrefixCache
     from c2i_fast.scan import gradients
     from c2i_fast.tasks import load_task, split
     task = load_task("fever", str(data_dir))

@@ -7,8 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from c2i_fast.evaluate import (MIN_SHARED_PREFIX, PrefixCache, Scorer, _Row, shared_prefix_length,
-                               supports_shared_prefix)
+from c2i_fast.batching import MIN_SHARED_PREFIX, Row, shared_prefix_length
+from c2i_fast.evaluate import Scorer
+from c2i_fast.models import supports_shared_prefix
+from c2i_fast.replay import PrefixCache
 from c2i_fast.tasks import check_tokenization, load_task, split
 
 INSTRUCTION = "Answer the question below with a single short phrase, as a careful and factual assistant would.\n\n"
@@ -53,13 +55,13 @@ def test_no_prefix_when_rows_share_too_little(smollm2, data_dir):
 
 
 def test_shared_prefix_stops_before_scored_positions():
-    rows = [_Row(0, -1, [1, 2, 3, 4, 5, 6], [5, 6]), _Row(1, -1, [1, 2, 3, 4, 9], [9])]
+    rows = [Row(0, -1, [1, 2, 3, 4, 5, 6], [5, 6]), Row(1, -1, [1, 2, 3, 4, 9], [9])]
     # row 0's first scored logit is read at index 3 (token 4), row 1's at index 3: the prefix is 3 tokens
     assert shared_prefix_length(rows) == 3
-    assert shared_prefix_length([_Row(0, -1, [1, 2, 3], []), _Row(1, -1, [1, 2, 3], [])]) == 2
-    assert shared_prefix_length([_Row(0, -1, [1, 2], []), _Row(1, -1, [7, 2], [])]) == 0
+    assert shared_prefix_length([Row(0, -1, [1, 2, 3], []), Row(1, -1, [1, 2, 3], [])]) == 2
+    assert shared_prefix_length([Row(0, -1, [1, 2], []), Row(1, -1, [7, 2], [])]) == 0
     # trimmed rows hold no last continuation token: the same first read positions, the same prefix
-    trimmed = [_Row(0, -1, [1, 2, 3, 4, 5], [5, 6], trimmed=True), _Row(1, -1, [1, 2, 3, 4], [9], trimmed=True)]
+    trimmed = [Row(0, -1, [1, 2, 3, 4, 5], [5, 6], trimmed=True), Row(1, -1, [1, 2, 3, 4], [9], trimmed=True)]
     assert [r.first_read for r in trimmed] == [3, 3] and shared_prefix_length(trimmed) == 3
 
 

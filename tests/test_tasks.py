@@ -53,6 +53,16 @@ def test_majority_baseline():
     m = majority_baseline(ex)
     labels = [e.label for e in ex]
     assert m["accuracy"] == max(labels.count(0), labels.count(1)) / 10
+    assert m["label"] in ("true", "false") and m["chance"] == 0.5
+
+
+def test_majority_baseline_with_choices_per_row_is_a_position():
+    """A multiple-choice task whose choices differ per row: "always position i", not the first row's text."""
+    from c2i_fast.tasks import Example
+    rows = [Example(str(i), f"{i}+{i}=", f" {2 * i}", [f" {2 * i}", f" {2 * i + 1}", " 0", " 9"], lab)
+            for i, lab in enumerate([1, 1, 0, 1, 2])]
+    m = majority_baseline(rows)
+    assert m == {"label": "position 1", "accuracy": 3 / 5, "chance": 0.25}
 
 
 def _write(tmp_path, lines, name="t.jsonl"):

@@ -1,0 +1,30 @@
+"""What the bench scripts share. A script imports it as ``_common`` (``python bench/<script>.py`` puts bench/ first
+on sys.path; the tests' import_bench does the same)."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+KERNELS = "c2i_fast.kernels"
+
+
+def load_kernels():
+    """c2i_fast.kernels: the installed package, or (an uninstalled checkout) ./kernels under that name. Once per
+    process; an import that failed inside the package itself is re-raised, not hidden by the fallback."""
+    if KERNELS in sys.modules:
+        return sys.modules[KERNELS]
+    try:
+        return importlib.import_module(KERNELS)
+    except Exception:
+        if KERNELS in sys.modules:
+            raise
+    root = REPO / "kernels"
+    spec = importlib.util.spec_from_file_location(KERNELS, root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[KERNELS] = mod
+    spec.loader.exec_module(mod)
+    return mod

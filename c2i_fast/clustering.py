@@ -1,0 +1,199 @@
+"""Row clustering for clustered factorizations: contiguous blocks, k-means, projective clustering.
+
+Every function returns labels (m,) int64 in [0, k) for the rows of a weight (m, n); clusters may be empty.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from .errors import C2IError
+from .svd import count_nonfinite, full_svd
+
+CLUSTER_METHODS = ("block", "kmeans", "projective")
+KMEANS_ITERS = 50            # Lloyd iterations (it stops earlier once the labels no longer change)
+PROJECTIVE_ITERS = 20        # alternating assignment / refit iterations per run
+PROJECTIVE_RESTARTS = 3      # extra runs from sampled subspaces
+
+def check_k(k: int, m: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= m:
+        raise C2IError(f"n_clusters={k!r} must be an integer with 1 <= n_clusters <= {m} (the number of rows)")
+    return int(k)
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Row clustering
+# ---------------------------------------------------------------------------------------------------------
+def _block_labels(m: int, k: int) -> Tensor:
+    """Contiguous blocks: the split of arange(m) into k nearly equal chunks (torch.tensor_split: larger first)."""
+    labels = torch.empty(m, dtype=torch.int64)
+    for c, chunk in enumerate(torch.arange(m).tensor_split(k)):
+        labels[chunk] = c
+    return labels
+
+
+def _sq_dists(x: Tensor, centers: Tensor, x_sq: Tensor) -> Tensor:
+    """(m, k) squared Euclidean distances ||x_i - c_j||² via the expanded form, clamped at 0."""
+    d = x_sq[:, None] - 2.0 * (x @ centers.T) + (centers * centers).sum(1)[None, :]
+    return d.clamp_min_(0.0)
+
+
+def _kmeans_labels(x: Tensor, k: int, seed: int, iters: int) -> Tensor:
+    """Lloyd's k-means with k-means++ seeding on the rows of x (m, n) fp32. Deterministic on CPU for a seed.
+
+    Random draws use a CPU generator so that the seeding is identical on every device. A cluster that loses
+    all its rows keeps its old center (it may stay empty: callers handle empty clusters).
+    """
+    m = x.shape[0]
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    x_sq = (x * x).sum(1)
+    first = int(torch.randint(m, (1,), generator=gen))
+    centers = x[first:first + 1].clone()
+    d_min = _sq_dists(x, centers, x_sq)[:, 0]
+    for _ in range(1, k):
+        probs = d_min.double().cpu()
+        total = float(probs.sum())
+        if total > 0:
+            idx = int(torch.multinomial(probs / total, 1, generator=gen))
+        else:      # every row coincides with a chosen center: any row will do
+            idx = int(torch.randint(m, (1,), generator=gen))
+        centers = torch.cat([centers, x[idx:idx + 1]], 0)
+        d_min = torch.minimum(d_min, _sq_dists(x, centers[-1:], x_sq)[:, 0])
+    labels = _sq_dists(x, centers, x_sq).argmin(1)
+    for _ in range(iters):
+        sums = torch.zeros_like(centers).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=k).to(x.dtype)
+        nonempty = counts > 0
+        centers = torch.where(nonempty[:, None], sums / counts.clamp_min(1)[:, None], centers)
+        new = _sq_dists(x, centers, x_sq).argmin(1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels.cpu()
+
+
+def _subspace_fit(x: Tensor, labels: Tensor, k: int, j: int, old: Tensor | None) -> tuple[Tensor, float]:
+    """Best j-dim linear subspace per cluster (top-j right singular vectors of its rows) and the objective.
+
+    Returns bases (k, n, j) (zero-padded when a cluster has fewer than j directions) and Σ_c Σ_{i>j} σ_{c,i}²
+    = Σ_rows ||x - x V_c V_cᵀ||². An empty cluster keeps its previous basis (``old``) so it can win rows back.
+    """
+    n = x.shape[1]
+    bases = x.new_zeros(k, n, j)
+    obj = 0.0
+    lab = labels.to(x.device)
+    for c in range(k):
+        rows = x[lab == c]
+        if rows.shape[0] == 0:
+            if old is not None:
+                bases[c] = old[c]
+            continue
+        svd = full_svd(rows)
+        jj = min(j, svd.p)
+        bases[c, :, :jj] = svd.v[:, :jj]
+        obj += svd.tail_energy(jj)
+    return bases, obj
+
+
+def projective_objective(w: Tensor, labels: Tensor, rank: int) -> float:
+    """Σ_c (squared distance of cluster c's rows to their best ``rank``-dim linear subspace), float64.
+
+    This is what projective clustering minimises; it equals the squared Frobenius error of the clustered
+    rank-``rank`` reconstruction.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    return _subspace_fit(w.detach().float(), labels, int(labels.max()) + 1, rank, None)[1]
+
+
+def _projective_labels(x: Tensor, k: int, j: int, init: Tensor, iters: int) -> Tensor:
+    """Alternating projective clustering (Maalouf et al., ICLR 2021): assign every row to the subspace that
+    reconstructs it best, refit each subspace by SVD, repeat. Both steps can only lower the objective in exact
+    arithmetic; we still keep the best labelling seen so round-off can never make the result worse than init.
+    """
+    x_sq = (x * x).sum(1)
+    labels = init.clone()
+    bases, obj = _subspace_fit(x, labels, k, j, None)
+    best_labels, best_obj = labels.clone(), obj
+    tol = 1e-6 * x_sq.clamp_min(1e-30)     # a row moves only for a real gain: avoids oscillating on ties
+    for _ in range(iters):
+        # ||x V_c||² per row and cluster (larger = smaller residual ||x||² - ||x V_c||²); one GEMM per cluster
+        # keeps memory at (m, j) instead of (m, k, j).
+        score = torch.stack([(x @ bases[c]).square().sum(1) for c in range(k)], 1)     # (m, k)
+        cur = score.gather(1, labels.to(x.device)[:, None])[:, 0]
+        top, arg = score.max(1)
+        new = torch.where(top > cur + tol, arg, labels.to(x.device)).cpu()
+        if torch.equal(new, labels):
+            break
+        labels = new
+        bases, obj = _subspace_fit(x, labels, k, j, bases)
+        if obj < best_obj:
+            best_labels, best_obj = labels.clone(), obj
+        else:       # no progress (only possible through round-off): stop, the best is kept
+            break
+    return best_labels
+
+
+def _sampled_subspace_labels(x: Tensor, k: int, j: int, gen: torch.Generator) -> Tensor:
+    """RANSAC-style start for projective clustering: k subspaces each spanned by j random rows, rows assigned
+    to the best one. Unlike a partition-based start it can land each subspace inside one true cluster."""
+    m = x.shape[0]
+    pick = torch.randperm(m, generator=gen)
+    bases = x.new_zeros(k, x.shape[1], j)
+    for c in range(k):
+        rows = x[pick[(c * j) % m: (c * j) % m + j].to(x.device)]          # (≤j, n)
+        q = torch.linalg.qr(rows.T)[0]                                        # (n, ≤j) orthonormal span
+        bases[c, :, :q.shape[1]] = q
+    score = torch.stack([(x @ bases[c]).square().sum(1) for c in range(k)], 1)
+    return score.argmax(1).cpu()
+
+
+def assign_clusters(w: Tensor, k: int, method: str = "block", *, rank: int | None = None, seed: int = 0,
+                    iters: int | None = None, init: str = "kmeans", restarts: int = PROJECTIVE_RESTARTS) -> Tensor:
+    """Cluster the m rows of ``w`` (m, n) into ``k`` groups → labels (m,) int64 in [0, k). Clusters may be empty.
+
+    method:
+      * ``"block"``      contiguous, nearly equal row blocks (C2I's "simple block splitting");
+      * ``"kmeans"``     Euclidean k-means on rows, k-means++ seeding from ``seed`` (default iters 50);
+      * ``"projective"`` k linear subspaces of dimension ``rank`` (required), alternating assignment / SVD
+                         refit (default iters 20 per run) from ``init`` ("kmeans" or "block") labels, plus
+                         ``restarts`` runs from randomly sampled subspaces (seeded); the labelling with the
+                         lowest objective wins, so the result is never worse than ``init``. Alternating
+                         minimisation stalls in local minima; the restarts are what makes it find planted
+                         subspaces. Cost: (1 + restarts) × iters × k SVDs of a cluster's rows at most.
+    """
+    if w.dim() != 2:
+        raise C2IError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    m, n = w.shape
+    k = check_k(k, m)
+    if method not in CLUSTER_METHODS:
+        raise C2IError(f"unknown clustering method {method!r}; choose one of {', '.join(CLUSTER_METHODS)}")
+    if method == "block" or k == 1:
+        return _block_labels(m, k)
+    x = w.detach().float()
+    if count_nonfinite(x):
+        raise C2IError(f"cannot cluster a {m}x{n} matrix with NaN/Inf entries")
+    if method == "kmeans":
+        return _kmeans_labels(x, k, seed, KMEANS_ITERS if iters is None else iters)
+    if rank is None or isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise C2IError(f"projective clustering needs the subspace dimension rank >= 1, got {rank!r}")
+    if init == "kmeans":
+        start = _kmeans_labels(x, k, seed, KMEANS_ITERS)
+    elif init == "block":
+        start = _block_labels(m, k)
+    else:
+        raise C2IError(f"unknown projective init {init!r}; choose 'kmeans' or 'block'")
+    j, its = min(rank, n), PROJECTIVE_ITERS if iters is None else iters
+    best = _projective_labels(x, k, j, start, its)
+    best_obj = _subspace_fit(x, best, k, j, None)[1]
+    gen = torch.Generator(device="cpu").manual_seed(int(seed) + 1)
+    for _ in range(max(0, restarts)):
+        lab = _projective_labels(x, k, j, _sampled_subspace_labels(x, k, j, gen), its)
+        obj = _subspace_fit(x, lab, k, j, None)[1]
+        if obj < best_obj:
+            best, best_obj = lab, obj
+    return best
+
+
