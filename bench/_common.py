@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,3 +29,25 @@ def load_kernels():
     sys.modules[KERNELS] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def git_commit() -> str | None:
+    """The checkout's short commit, "+dirty" when tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def parse_layers(spec: str | None) -> tuple | None:
+    """'17-27' or '17,18,27' → a tuple of layer indices; None/'' → None (every layer)."""
+    if not spec:
+        return None
+    if "-" in spec:
+        lo, hi = (int(x) for x in spec.split("-"))
+        return tuple(range(lo, hi + 1))
+    return tuple(int(x) for x in spec.split(","))

@@ -8,6 +8,7 @@ One-call API::
     c2i_fast.restore_(lm.model)
 
     report = c2i_fast.adapt(c2i_fast.AdaptConfig(model="smollm2", task="fever", out="out"))
+    res = c2i_fast.adapt(model, tokenizer, "fever")             # a loaded model: AdaptResult, nothing written
 
 The names below are loaded on first use (``__getattr__``), so ``import c2i_fast`` stays cheap (no torch or
 transformers import); the ``TYPE_CHECKING`` imports let type checkers and IDEs see them.
@@ -28,8 +29,8 @@ _LAZY = {
     "accounting": "artifacts", "fingerprint": "artifacts",
     "load_model": "models", "target_matrices": "models",
     "load_task": "tasks",
-    "adapt": "pipeline", "laser": "pipeline", "evaluate_model": "pipeline",
-    "AdaptConfig": "pipeline", "LaserConfig": "pipeline", "EvalConfig": "pipeline",
+    "adapt": "notebook", "AdaptResult": "notebook", "laser": "pipeline", "evaluate_model": "pipeline",
+    "AdaptConfig": "config", "LaserConfig": "config", "EvalConfig": "config",
 }
 
 __all__ = ["C2IError", "__version__", *_LAZY]
@@ -38,7 +39,9 @@ if TYPE_CHECKING:
     from .artifacts import accounting, export_dense, fingerprint, load_adapted, save_adapted
     from .models import load_model, target_matrices
     from .nn import ClusteredLowRankLinear, LowRankLinear
-    from .pipeline import AdaptConfig, EvalConfig, LaserConfig, adapt, evaluate_model, laser
+    from .config import AdaptConfig, EvalConfig, LaserConfig
+    from .notebook import AdaptResult, adapt
+    from .pipeline import evaluate_model, laser
     from .tasks import load_task
     from .transform import Edit, Plan, factorize_, restore_
 

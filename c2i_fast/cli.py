@@ -37,7 +37,7 @@ def _strs(text: str) -> tuple:
 
 
 def _common(p: argparse.ArgumentParser, out_required: bool = True, required: bool = True):
-    p.add_argument("--model", required=required, help="hub id, local directory, .gguf file, or alias 'smollm2'")
+    p.add_argument("--model", required=required, help="hub id, local directory, .gguf file, or alias 'smollm2' / 'qwen2.5-coder-1.5b'")
     p.add_argument("--task", required=required, help="task name from the manifest (e.g. fever) or a .jsonl file")
     p.add_argument("--data-dir", help="folder with the task JSONL files (default: $C2I_DATA or shared/data)")
     p.add_argument("--metric", choices=["classification", "recall", "generation"],
@@ -50,6 +50,9 @@ def _common(p: argparse.ArgumentParser, out_required: bool = True, required: boo
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
                    help="run every row whole (default: a prompt prefix common to all rows runs once per pass)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-metrics-cache", dest="metrics_cache", action="store_false",
+                   help="do not read or write the base model's metrics cache ($C2I_CACHE, default "
+                        "~/.cache/c2i_fast; the cached numbers are bit-identical to a fresh pass)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--log-json", metavar="PATH", help="machine-readable JSON-lines events to PATH ('-' = stderr)")
     if out_required:
@@ -81,6 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the base model unless the plan's selection gain is significant at P against the "
                         "best of the evaluated candidates under no effect (max-T sign-flip test; default: off, "
                         "the p-value is reported either way)")
+    a.add_argument("--rule", choices=["confirm", "paper"], default="confirm",
+                   help="which plan ships: 'confirm' (default: the best few re-scored with the base on "
+                        "--confirm-size held-apart training rows, shipped only if the gain there is significant "
+                        "at --alpha) or 'paper' (C2I: the best on selection, if it beats the base)")
+    a.add_argument("--confirm-size", type=int, default=200, help="confirmation rows (default 200)")
+    a.add_argument("--confirm-top", type=int, default=3, help="candidates re-scored on them (default 3)")
+    a.add_argument("--alpha", type=float, default=0.05,
+                   help="ship only if the confirmed gain's one-sided McNemar p × --confirm-top ≤ this")
+    a.add_argument("--prune", choices=["exact", "off"], default="exact",
+                   help="stop scoring a candidate once even every remaining selection row answered correctly "
+                        "cannot put it among the best max(1, --confirm-top): the same plans as 'off' (default "
+                        "exact; off where --gate-p, --compose or a max-T fallback needs every candidate)")
+    a.add_argument("--scan-svd", choices=["full", "randomized"], default="full",
+                   help="the scan's SVDs: 'randomized' takes only the top singular triplets the ρ grid needs "
+                        "where it needs at most 1/8 of them (ρ ≤ 0.125; not the default grid, which reaches ρ=0.9), "
+                        "and a full SVD for the matrices that reach the top-K")
+    a.add_argument("--compare-rules", action="store_true",
+                   help="also judge every other rule's plan on the held-out rows (bench; the report's 'rules')")
     a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="model weights (SVDs and accumulation stay fp32)")
     a.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -98,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--rank-fractions", type=_floats, default=DEFAULT_RANK_FRACTIONS)
     l.add_argument("--types", type=_strs, default=("mlp_in", "mlp_out"))
     l.add_argument("--layers", type=_ints, default=None, help="layers to search (default all)")
+    l.add_argument("--draws", type=int, default=1, help="split as `c2i adapt --draws N` does …")
+    l.add_argument("--draw", type=int, default=0, help="… and select on its draw D (same selection/held-out rows)")
     l.add_argument("--faithful", action="store_true", help="dense rebuild + full forward per candidate")
     l.add_argument("--no-report", action="store_true", help="do not render the HTML/PNG report")
     l.add_argument("--resume", action="store_true")
@@ -119,10 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="where to write the page (default DIR/report)")
     r.add_argument("--quiet", action="store_true")
 
-    x = sub.add_parser("export", help="write a dense Hugging Face checkpoint of an adapted model")
+    x = sub.add_parser("export", help="write an adapted model as a dense Hugging Face checkpoint or GGUF file")
     x.add_argument("--model", required=True)
     x.add_argument("--adapted", required=True, help="directory written by `c2i adapt` / `c2i apply`")
-    x.add_argument("--out", required=True)
+    x.add_argument("--out", required=True, help="a directory (--format hf) or a .gguf file (--format gguf)")
+    x.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: a Hugging Face checkpoint directory (default); gguf: the --model GGUF file with the "
+                        "edited matrices dense, every other tensor and all metadata copied as they were")
+    x.add_argument("--gguf-type", choices=["f32", "f16", "bf16", "q8_0"], default="f32",
+                   help="GGUF type of the edited matrices (default f32, exact)")
     x.add_argument("--quiet", action="store_true")
     return ap
 
@@ -177,14 +205,16 @@ def _run_config(args, progress: bool) -> dict:
     """The fields of c2i_fast.pipeline.RunConfig, from the options every run command shares (_common)."""
     return dict(model=args.model, task=args.task, test_size=args.test_size, seed=args.seed, scoring=args.scoring,
                 data_dir=args.data_dir, metric=args.metric, batch_tokens=args.batch_tokens,
-                share_prefix=args.share_prefix, progress=progress, threads=args.threads, log_json=args.log_json)
+                share_prefix=args.share_prefix, progress=progress, threads=args.threads, log_json=args.log_json,
+                metrics_cache=args.metrics_cache)
 
 
 def _run(args) -> int:
     from . import pipeline
     progress = not args.quiet
     if args.command == "adapt" and args.resume:
-        cfg = pipeline.resume_config(args.resume, progress=progress, threads=args.threads, log_json=args.log_json)
+        cfg = pipeline.resume_config(args.resume, progress=progress, threads=args.threads, log_json=args.log_json,
+                                     metrics_cache=args.metrics_cache)
         rep = pipeline.adapt(cfg)
         _finish(rep, cfg.out, args.no_report)
     elif args.command == "adapt":
@@ -197,14 +227,16 @@ def _run(args) -> int:
             rank_fractions=args.rank_fractions, clusters=args.clusters, methods=args.methods,
             types=args.types or MATRIX_TYPES, max_evals=args.max_evals, compose=args.compose, loss=args.loss,
             score=args.score, resume=False, draws=args.draws, dtype=args.dtype, device=args.device,
-            device_map=args.device_map, gradient_checkpointing=args.gradient_checkpointing, gate_p=args.gate_p)
+            device_map=args.device_map, gradient_checkpointing=args.gradient_checkpointing, gate_p=args.gate_p,
+            rule=args.rule, confirm_size=args.confirm_size, confirm_top=args.confirm_top, alpha=args.alpha,
+            compare_rules=args.compare_rules, prune=args.prune, scan_svd=args.scan_svd)
         rep = pipeline.adapt(cfg)
         _finish(rep, cfg.out, args.no_report)
     elif args.command == "laser":
         cfg = pipeline.LaserConfig(
             **_run_config(args, progress), out=args.out, val_size=args.val_size,
             rank_fractions=args.rank_fractions, types=args.types, layers=args.layers, faithful=args.faithful,
-            resume=args.resume)
+            resume=args.resume, draw=args.draw, draws=args.draws)
         rep = pipeline.laser(cfg)
         _finish(rep, cfg.out, args.no_report)
     elif args.command == "eval":
@@ -230,10 +262,15 @@ def _run(args) -> int:
         print(f"wrote {render_report(args.dir, args.out)}")
     elif args.command == "export":
         from .artifacts import export_dense, load_adapted
+        from .gguf_export import export_gguf, source_gguf
         from .models import load_model
+        source = source_gguf(args.model) if args.format == "gguf" else None   # refuse a non-GGUF model early
         lm = load_model(args.model)
         load_adapted(lm.model, args.adapted)
-        export_dense(lm.model, args.out, tokenizer=lm.tokenizer)
+        if source is not None:
+            export_gguf(lm.model, source, args.out, dtype=args.gguf_type)
+        else:
+            export_dense(lm.model, args.out, tokenizer=lm.tokenizer)
         print(f"wrote {args.out}")
     return 0
 

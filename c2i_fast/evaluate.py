@@ -21,6 +21,7 @@ attention in every layer (:func:`~c2i_fast.models.supports_shared_prefix`); ever
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ from torch import nn
 from .batching import (Batch, Row, choice_rows, continuation_rows, cut_batches, pad, prompt_rows, read_columns,
                        split_shared_prefix, trimmed)
 from .errors import C2IError
-from .models import last_layer_positionwise, layer_root, supports_shared_prefix
+from .models import decoder_layers, last_layer_positionwise, layer_root, supports_shared_prefix
 from .replay import PREFIX, PrefixCache, capture_layers, detach, replay_layers, replay_within, tail_only
 from .tasks import Example, majority_baseline
 
@@ -165,18 +166,23 @@ class Scorer:
             j += c
         return sums, lens, greedy, None
 
-    def _prefix_kv(self, cache: PrefixCache | None, start_layer: int, capture: set[int]) -> list:
+    def _prefix_kv(self, cache: PrefixCache | None, start_layer: int, capture: set[int],
+                   stop_below: int | None = None) -> list:
         """(K, V) of every layer, each (1, kv_heads, P, head_dim), for the shared prefix under the model's
-        current weights: layers < ``start_layer`` from the cache, the rest computed (a one-row pass)."""
+        current weights: layers < ``start_layer`` from the cache, the rest computed (a one-row pass).
+        ``stop_below``: run layers < ``stop_below`` only (:meth:`capture`; only those layers' K, V are valid)."""
         from transformers import DynamicCache
         dev, p = self._device(), len(self.prefix_ids)
         kv = DynamicCache(config=self.model.config)
         causal = torch.ones(p, p, dtype=torch.bool).tril()[None, None]
         with replay_layers(self.model, cache, PREFIX, start_layer), \
-                capture_layers(self.model, cache, PREFIX, set(capture)):
-            self.model(input_ids=torch.tensor([self.prefix_ids], device=dev), attention_mask=self._float_mask(causal),
-                       position_ids=torch.arange(p, device=dev)[None], past_key_values=kv, logits_to_keep=1,
-                       use_cache=True)
+                capture_layers(self.model, cache, PREFIX, set(capture)), stop_after(self.model, stop_below):
+            try:
+                self.model(input_ids=torch.tensor([self.prefix_ids], device=dev),
+                           attention_mask=self._float_mask(causal), position_ids=torch.arange(p, device=dev)[None],
+                           past_key_values=kv, logits_to_keep=1, use_cache=True)
+            except StopForward:
+                pass
         layers = [(layer.keys, layer.values) for layer in kv.layers]
         if start_layer > 0:
             layers[:start_layer] = cache.store[("prefix_kv", start_layer)]
@@ -219,6 +225,37 @@ class Scorer:
                         replay_within(self.model, cache, bi, within):
                     logits = self._logits(b, kv)
             yield b, self._row_stats(b, logits)
+
+    def capture(self, cache: PrefixCache, layers: set[int]) -> None:
+        """Fill ``cache`` with what ``evaluate(cache, capture=layers)`` stores (each batch's input of every layer
+        in ``layers``, and the shared prefix's entries) without the metrics: each batch runs up to the highest of
+        those layers only (a forward hook ends the pass, :func:`stop_after`). The same tensors, computed by the
+        same operations, as the full pass stores. For a base pass whose metrics are known
+        (:mod:`c2i_fast.cache`). Out of memory halves the batches and retries."""
+        while True:
+            try:
+                return self._capture(cache, set(layers))
+            except torch.OutOfMemoryError as e:
+                self.halve_batches(e)
+
+    def _capture(self, cache: PrefixCache, layers: set[int]) -> None:
+        layers = {l for l in layers if l > 0}
+        if not layers:
+            return
+        if cache.epoch != self.epoch:
+            cache.clear()
+            cache.epoch = self.epoch
+        top = max(layers)
+        kv = None
+        with torch.no_grad():
+            for bi, b in enumerate(self.batches):
+                if self.prefix_ids and kv is None:      # K, V of the layers that run (the others were not)
+                    kv = self._prefix_kv(cache, 0, layers, stop_below=top)[:top]
+                with capture_layers(self.model, cache, bi, layers), stop_after(self.model, top):
+                    try:
+                        self._logits(b, kv)
+                    except StopForward:
+                        pass
 
     # -- metrics ----------------------------------------------------------------------------------------
     def _per_example(self, stats_iter) -> dict[int, dict]:
@@ -289,17 +326,64 @@ class Scorer:
         print(f"c2i: out of memory; retrying with --batch-tokens {self.batch_tokens}", file=sys.stderr)
 
     def evaluate(self, cache: PrefixCache | None = None, start_layer: int = 0,
-                 capture: set[int] = frozenset(), generate: bool = True, within: str | None = None) -> dict:
+                 capture: set[int] = frozenset(), generate: bool = True, within: str | None = None,
+                 stop=None) -> dict:
         """Accuracy (primary scoring + both variants), log-loss, choice-loss, majority baseline.
-        Out of memory on a batch halves the batches and retries."""
+        Out of memory on a batch halves the batches and retries.
+
+        ``stop(correct, remaining) -> bool`` (early stopping, :func:`c2i_fast.search.search`'s pruning) is asked
+        after every batch, with the examples answered correctly so far among those whose rows are all scored and
+        the examples still to come; True ends the pass and returns :meth:`pruned_result` instead of the metrics.
+        A pass that is not stopped returns exactly what it would without ``stop`` (the same batches, in the same
+        order, into the same :meth:`metrics`). Ignored for generation tasks (accuracy comes from generate())."""
         while True:
             try:
-                return self._evaluate(cache, start_layer, capture, generate, within)
+                return self._evaluate(cache, start_layer, capture, generate, within, stop)
             except torch.OutOfMemoryError as e:
                 self.halve_batches(e)
 
-    def _evaluate(self, cache, start_layer, capture, generate, within=None) -> dict:
-        return self.metrics(self.run(cache, start_layer, capture, within=within), generate)
+    def _evaluate(self, cache, start_layer, capture, generate, within=None, stop=None) -> dict:
+        if stop is None or not self.can_stop_early():
+            return self.metrics(self.run(cache, start_layer, capture, within=within), generate)
+        pairs, seen, rows_left = [], set(), self.rows_per_example()
+        correct = 0
+        for b, stats in self.run(cache, start_layer, capture, within=within):
+            pairs.append((b, stats))
+            for r in b.rows:
+                rows_left[r.example] -= 1
+            done = [e for e, left in enumerate(rows_left) if left == 0 and e not in seen]
+            if done:
+                per = self._per_example(pairs)
+                correct += sum(self.example_correct(per[e], self.examples[e]) for e in done)
+                seen.update(done)
+            if len(seen) < len(self.examples) and stop(correct, len(self.examples) - len(seen)):
+                return self.pruned_result(len(seen), correct, len(pairs))
+        return self.metrics(pairs, generate)
+
+    # -- early stopping ---------------------------------------------------------------------------------
+    def can_stop_early(self) -> bool:
+        """Is an example's correctness known batch by batch? Not for generation (scored by greedy decoding)."""
+        return self.kind in ("classification", "recall")
+
+    def rows_per_example(self) -> list[int]:
+        """(n_examples,) how many rows each example spreads over (1, or one per choice when not packed)."""
+        out = [0] * len(self.examples)
+        for r in self.rows:
+            out[r.example] += 1
+        return out
+
+    def example_correct(self, d: dict, ex: Example) -> bool:
+        """One example's correctness from its :meth:`_per_example` entry, as :meth:`metrics` decides it."""
+        if self.kind == "classification":
+            sc = d["sum"] / d["len"] if self.scoring == "mean" else d["sum"]
+            return int(sc.argmax()) == ex.label
+        return bool(d["greedy"])
+
+    def pruned_result(self, scored: int, correct: int, batches: int) -> dict:
+        """What a pass stopped early records: no metrics, only how far it got (examples whose rows were all
+        scored, how many of them were correct, batches run)."""
+        return {"pruned": True, "n": len(self.examples), "rows_scored": scored, "correct_so_far": correct,
+                "batches_scored": batches, "batches": len(self.batches)}
 
     def metrics(self, stats_iter, generate: bool = True) -> dict:
         """The evaluation dict from (batch, row stats) pairs covering every batch (:meth:`run`'s output)."""
@@ -354,6 +438,28 @@ class Scorer:
                 texts[i] = self.tokenizer.decode(new[j], skip_special_tokens=True)
         correct = [answer_in_continuation(ex.answers, t) for ex, t in zip(self.examples, texts)]
         return {"texts": texts, "correct": correct}
+
+
+class StopForward(Exception):
+    """Raised by :func:`stop_after`'s hook to end a forward pass early."""
+
+
+@contextmanager
+def stop_after(model: nn.Module, below: int | None):
+    """End the model's forward once decoder layers < ``below`` have run (a hook on layer ``below`` − 1 raises
+    :class:`StopForward`; hooks registered before it, like :func:`~c2i_fast.replay.capture_layers`', run
+    first). ``below`` None or ≤ 0: no stop."""
+    if below is None or below <= 0:
+        yield
+        return
+
+    def hook(_m, _inp, _out):
+        raise StopForward
+    handle = decoder_layers(model)[below - 1].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def answer_in_continuation(answers: list[str], continuation: str) -> bool:

@@ -15,7 +15,7 @@ import io
 import re
 
 from .errors import C2IError
-from .report import (FIGURES, PHASES, TYPE_ORDER, candidate_key, evaluated, fmt_seconds, loss_key, normalise, num,
+from .report_data import (FIGURES, PHASES, TYPE_ORDER, candidate_key, evaluated, fmt_seconds, loss_key, normalise, num,
                      plan_keys, short_name)
 
 K_COLOURS = ("#dd8452", "#55a868", "#4c72b0", "#c44e52", "#937860", "#da8bc3", "#8c8c8c")

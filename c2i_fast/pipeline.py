@@ -16,107 +16,33 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from . import distributed
-from .artifacts import accounting, fingerprint, save_adapted
+from .artifacts import accounting, save_adapted
+from .cache import MetricsCache, base_metrics
 from .decompose import full_svd
 from .errors import C2IError
 from .evaluate import PrefixCache, Scorer
+from .masked import MaskedScorer
 from .io import atomic_write_text, versions
-from .models import LASER_TYPES, MATRIX_TYPES, load_model, target_matrices
-from .report import SCHEMA          # the report.json layout build_report writes (report.py reads it, torch-free)
-from .scan import scan
-from .search import (DEFAULT_CLUSTERS, DEFAULT_METHODS, DEFAULT_RANK_FRACTIONS, Candidate, build_candidates,
-                     candidate_factors, rank, search)
+from .models import load_model, target_matrices
+from .confirm import MIN_CONFIRM_ROWS, RULES, changed_fraction, decide
+from .config import AdaptConfig, EvalConfig, LaserConfig, RunConfig  # noqa: F401  (part of this API)
+from .report_data import SCHEMA     # the report.json layout build_report writes (report.py reads it)
+from .scan import SCAN_SVDS, scan
+from .search import PRUNE_MODES, Candidate, build_candidates, candidate_factors, prune_mode, rank, search
 from .stats import paired_difference, selection_gain_test
-from .tasks import check_tokenization, load_task, split
+from .tasks import check_tokenization, load_task, split, split_with_test
 from .transform import Edit, Plan, factorize_, restore_
 
 JOURNAL = "journal.jsonl"
 CONFIG = "config.json"
 REPORT = "report.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# configurations
-# ---------------------------------------------------------------------------------------------------------
-@dataclass(kw_only=True)
-class RunConfig:
-    """What adapt, laser and eval share: model and task, the held-out split, how rows are scored, logging.
-    Keyword-only, so each command's own required fields (``out``) can follow these defaults."""
-    model: str
-    task: str
-    test_size: int = 500
-    seed: int = 0
-    scoring: str = "mean"
-    data_dir: str | None = None
-    metric: str | None = None
-    batch_tokens: int = 4096
-    share_prefix: bool = True           # run a prompt prefix common to every row once per pass (exact)
-    progress: bool = True
-    threads: int | None = None
-    log_json: str | None = None         # path for JSON-lines events, "-" for stderr
-
-    def shares_prefix(self) -> bool:
-        """Whether scorers run the common prompt prefix once (the faithful modes run every row whole)."""
-        return self.share_prefix
-
-    def to_json(self) -> dict:
-        """Every field, tuples as lists (the report's ``config``)."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-
-
-@dataclass(kw_only=True)
-class AdaptConfig(RunConfig):
-    out: str
-    samples: int = 100
-    top_k: int = 5
-    rank_fractions: tuple = DEFAULT_RANK_FRACTIONS
-    clusters: tuple = DEFAULT_CLUSTERS
-    methods: tuple = DEFAULT_METHODS
-    types: tuple = MATRIX_TYPES
-    max_evals: int = 48
-    compose: int = 0
-    loss: str = "answer"
-    score: str = "first_order"
-    resume: bool = False
-    draws: int = 1
-    dense_candidates: bool = False      # paper-faithful: dense rebuild + full forward per candidate (bench)
-    dtype: str = "float32"              # model weights; SVDs and accumulation are fp32 whatever this is
-    device: str | None = None           # default: cuda when available
-    device_map: str | None = None       # accelerate device map (e.g. "auto") for models bigger than one device
-    gradient_checkpointing: bool = False
-    gate_p: float | None = None         # keep the base model unless the selection gain's max-T p ≤ this
-
-    def shares_prefix(self) -> bool:
-        return self.share_prefix and not self.dense_candidates
-
-
-@dataclass(kw_only=True)
-class LaserConfig(RunConfig):
-    out: str
-    val_size: int = 100
-    rank_fractions: tuple = DEFAULT_RANK_FRACTIONS
-    types: tuple = LASER_TYPES
-    layers: tuple | None = None         # default: every layer
-    faithful: bool = False              # dense rebuild + full forward per candidate, as LASER's code does
-    resume: bool = False
-
-    def shares_prefix(self) -> bool:
-        return self.share_prefix and not self.faithful
-
-
-@dataclass(kw_only=True)
-class EvalConfig(RunConfig):
-    plan: str | None = None             # an adapted directory (plan.json + adapted.safetensors)
-    samples: int = 100
-    out: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,6 +78,7 @@ def _held_out_block(base: dict, adapted: dict) -> dict:
     out = {"base": _strip(base), "adapted": _strip(adapted)}
     if "correct" in base and "correct" in adapted:
         out["paired"] = paired_difference(base["correct"], adapted["correct"])
+    out["changed"] = changed_fraction(base, adapted)     # fraction of answers the plan changes
     return out
 
 
@@ -168,31 +95,38 @@ def _check_common(rank_fractions, samples: int, test_size: int, clusters=(1,)) -
         raise C2IError(f"--test-size must be ≥ 1, got {test_size}")
 
 
-def _prepare(cfg: RunConfig, dtype: str = "float32", device: str | None = None, device_map: str | None = None):
-    """Load model and task, make the splits; shared by adapt, laser and eval."""
+def _prepare(cfg: RunConfig, dtype: str = "float32", device: str | None = None, device_map: str | None = None,
+             lm=None, task=None):
+    """Load model and task (or take the ``lm`` / ``task`` a caller already has: c2i_fast.notebook); shared by
+    adapt, laser and eval."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if not cfg.progress:
         import transformers
         transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(cfg.seed)
-    task = load_task(cfg.task, cfg.data_dir, cfg.metric)          # data errors before the slow model load
+    if task is None:
+        task = load_task(cfg.task, cfg.data_dir, cfg.metric)      # data errors before the slow model load
     t0 = time.perf_counter()
-    if dtype not in DTYPES:
-        raise C2IError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if distributed.size() > 1 and device == "cuda":
-        device = f"cuda:{torch.cuda.current_device()}"
-    lm = load_model(cfg.model, dtype=DTYPES[dtype], device=device, device_map=device_map)
+    if lm is None:
+        if dtype not in DTYPES:
+            raise C2IError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if distributed.size() > 1 and device == "cuda":
+            device = f"cuda:{torch.cuda.current_device()}"
+        lm = load_model(cfg.model, dtype=DTYPES[dtype], device=device, device_map=device_map)
     t_load = time.perf_counter() - t0
-    if lm.is_masked_lm:
-        raise C2IError(f"{cfg.model} is a masked LM: its matrices can be enumerated and factorized "
-                       f"(c2i_fast.factorize_), but task scoring is implemented for causal LMs only")
+    if lm.is_masked_lm and task.kind != "classification":      # before the scan: c2i_fast.masked scores choices
+        raise C2IError(f"{cfg.model} is a masked LM: it is scored at one <mask> token over a task's choices "
+                       f"(classification tasks only); {task.name} is a {task.kind} task")
     task = check_tokenization(task, lm.tokenizer)
     return lm, task, t_load
 
 
-def _scorer(lm, task, examples, cfg: RunConfig) -> Scorer:
+def _scorer(lm, task, examples, cfg: RunConfig) -> Scorer | MaskedScorer:
+    if lm.is_masked_lm:        # LASER's RoBERTa scoring: each choice's one token at a <mask> (c2i_fast.masked)
+        return MaskedScorer(lm.model, lm.tokenizer, examples, task.kind, batch_tokens=cfg.batch_tokens,
+                            scoring=cfg.scoring, max_new_tokens=task.spec.max_new_tokens, task=task.name)
     # the paper-faithful and LASER-faithful modes run every row whole, as those methods' code does
     return Scorer(lm.model, lm.tokenizer, examples, task.kind, batch_tokens=cfg.batch_tokens,
                   scoring=cfg.scoring, max_new_tokens=task.spec.max_new_tokens, share_prefix=cfg.shares_prefix())
@@ -265,20 +199,26 @@ def plan_applied(model, cands: list[Candidate]) -> Iterator[None]:
 
 
 def _conclude(lm, task, test, cfg: RunConfig, best: list[Candidate], plan: Plan, timings: dict,
-              save_to: Path | None) -> tuple[dict, dict]:
+              save_to: Path | None, others: dict[str, list[Candidate]] | None = None,
+              mc: MetricsCache | None = None) -> tuple[dict, dict, dict]:
     """Held-out metrics of the base model and of the plan, then (``save_to``) the saved plan and factors, and
-    the plan's accounting, with the plan swapped in once for all three. Returns (``test`` block, accounting).
+    the plan's accounting, with the plan swapped in once for all three. ``others`` (name → candidates) are
+    further plans judged on the same held-out rows against the same base pass (the bench's rule comparison).
+    Returns (``test`` block, accounting, {name: test block}).
 
-    The adapted pass starts at the lowest edited layer and replays the prefix the base pass captured there:
+    An adapted pass starts at its lowest edited layer and replays the prefix the base pass captured there:
     the same computation as :func:`c2i_fast.search.evaluate_candidate` of the last edit on top of the others
-    with ``within=False``."""
+    with ``within=False``. The base pass's metrics may come from ``mc`` (:func:`c2i_fast.cache.base_metrics`:
+    the prefix is then captured by a pass that stops below the highest start layer)."""
     model = lm.model
+    others = others or {}
     t0 = time.perf_counter()
     sc = _scorer(lm, task, test, cfg)
     sc.progress = cfg.progress          # a bar per held-out pass: these are the long evaluations
+    starts = {min(c.layer for c in cands) for cands in [best, *others.values()] if cands}
     start = min((c.layer for c in best), default=0)
-    cache = PrefixCache() if best and task.kind != "generation" else None
-    base = sc.evaluate(cache, capture={start} if cache is not None else set())
+    cache = PrefixCache() if starts and task.kind != "generation" else None
+    base, _ = base_metrics(sc, mc, cache, starts if cache is not None else set())
     timings["test_base"] = time.perf_counter() - t0
     adapted = base
     with plan_applied(model, best):
@@ -290,14 +230,24 @@ def _conclude(lm, task, test, cfg: RunConfig, best: list[Candidate], plan: Plan,
             if best:
                 save_adapted(model, plan, save_to)
             else:
-                plan.fingerprint = fingerprint(model)
+                plan.fingerprint = (mc or MetricsCache(model, enabled=False)).model_fingerprint()
                 plan.save(save_to / "plan.json")
         spent = accounting(model, plan) if best else {}
-    return _held_out_block(base, adapted), spent
+    judged, t2 = {}, time.perf_counter()
+    for name, cands in others.items():
+        if [c.key() for c in cands] == [c.key() for c in best]:
+            judged[name] = _held_out_block(base, adapted)
+            continue
+        with plan_applied(model, cands):
+            other = sc.evaluate(cache, start_layer=min(c.layer for c in cands)) if cands else base
+        judged[name] = _held_out_block(base, other)
+    if others:
+        timings["test_compared"] = time.perf_counter() - t2
+    return _held_out_block(base, adapted), spent, judged
 
 
 def build_report(cfg: RunConfig, task, sizes: dict, plan: Plan, *, search: dict, selection: dict, test: dict,
-                 forward_passes: dict, accounting: dict, scan: dict | None = None) -> dict:
+                 forward_passes: dict, accounting: dict, scan: dict | None = None, **extra) -> dict:
     """``report.json`` (schema :data:`SCHEMA`) of an adapt or laser run, sections in file order::
 
         schema          this layout's version (c2i_fast.report refuses a newer one)
@@ -314,6 +264,10 @@ def build_report(cfg: RunConfig, task, sizes: dict, plan: Plan, *, search: dict,
         forward_passes  search_layer_passes, layers, search_equivalent_full_passes (adapt: gradient_pass_rows)
         accounting      parameters and bytes before and after (c2i_fast.artifacts.accounting); {} for no edit
 
+        (adapt)         decision: the shipping rule's verdict (c2i_fast.confirm.Decision.summary, with the
+                        fraction of answers changed on selection and confirmation); rules (--compare-rules:
+                        every rule's plan and held-out block)
+
     The callers add ``timings`` (seconds per phase) and adapt adds ``draws`` (--draws > 1) and ``world_size``.
     """
     rep = {"schema": SCHEMA, "config": cfg.to_json(), "versions": versions(),
@@ -322,7 +276,7 @@ def build_report(cfg: RunConfig, task, sizes: dict, plan: Plan, *, search: dict,
     if scan is not None:
         rep["scan"] = scan
     rep.update(search=search, selection=selection, test=test, forward_passes=forward_passes,
-               accounting=accounting)
+               accounting=accounting, **extra)
     return rep
 
 
@@ -338,6 +292,7 @@ def resume_config(directory: str, **overrides) -> AdaptConfig:
         raise C2IError(f"--resume {directory}: no {CONFIG} there (was it written by `c2i adapt`?)")
     try:
         d = json.loads(path.read_text())
+        d.setdefault("rule", "paper")             # written before the confirmation rule existed
         cfg = AdaptConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
     except (json.JSONDecodeError, TypeError) as e:
         raise C2IError(f"{path} is not a valid run configuration: {e}") from e
@@ -347,8 +302,10 @@ def resume_config(directory: str, **overrides) -> AdaptConfig:
     return cfg
 
 
-def adapt(cfg: AdaptConfig) -> dict:
-    """Run C2I end to end; returns the report dict (also written to ``<out>/report.json``)."""
+def adapt(cfg: AdaptConfig, *, lm=None, task=None, test=None) -> dict:
+    """Run C2I end to end; returns the report dict (also written to ``<out>/report.json``). ``lm`` (a
+    LoadedModel), ``task`` (a Task) and ``test`` (held-out Examples) are for callers that already hold them
+    (c2i_fast.notebook): the model is then neither loaded nor left changed."""
     _check_common(cfg.rank_fractions, cfg.samples, cfg.test_size, cfg.clusters)
     if cfg.top_k < 1:
         raise C2IError(f"--top-k must be ≥ 1, got {cfg.top_k}")
@@ -356,13 +313,26 @@ def adapt(cfg: AdaptConfig) -> dict:
         raise C2IError(f"--draws must be ≥ 1, got {cfg.draws}")
     if cfg.gate_p is not None and not 0.0 <= cfg.gate_p <= 1.0:
         raise C2IError(f"--gate-p must be in [0, 1], got {cfg.gate_p}")
+    if cfg.rule not in RULES:
+        raise C2IError(f"--rule {cfg.rule!r}: choose one of {', '.join(RULES)}")
+    if cfg.confirm_size < 0 or cfg.confirm_top < 1 or not 0.0 < cfg.alpha < 1.0:
+        raise C2IError(f"--confirm-size must be ≥ 0 (got {cfg.confirm_size}), --confirm-top ≥ 1 (got "
+                       f"{cfg.confirm_top}), --alpha in (0, 1) (got {cfg.alpha})")
+    if cfg.only_draw is not None and not 0 <= cfg.only_draw < cfg.draws:
+        raise C2IError(f"only_draw={cfg.only_draw} is outside [0, {cfg.draws})")
+    if cfg.compose and cfg.rule == "confirm":
+        raise C2IError("--compose confirms no composed plan yet: use it with --rule paper")
+    if cfg.prune not in PRUNE_MODES:
+        raise C2IError(f"--prune {cfg.prune!r}: choose one of {', '.join(PRUNE_MODES)}")
+    if cfg.scan_svd not in SCAN_SVDS:
+        raise C2IError(f"--scan-svd {cfg.scan_svd!r}: choose one of {', '.join(SCAN_SVDS)}")
     distributed.init()
     out = Path(cfg.out)
     if out.exists() and not cfg.resume and any(out.iterdir()):
         raise C2IError(f"--out {out} exists and is not empty (use --resume {out} to continue a run there)")
     distributed.barrier()          # every rank has checked --out before rank 0 writes into it
     t_start = time.perf_counter()
-    lm, task, t_load = _prepare(cfg, cfg.dtype, cfg.device, cfg.device_map)
+    lm, task, t_load = _prepare(cfg, cfg.dtype, cfg.device, cfg.device_map, lm=lm, task=task)
     main_rank = distributed.is_main()
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
@@ -372,11 +342,13 @@ def adapt(cfg: AdaptConfig) -> dict:
         cfg.progress, cfg.log_json = False, None      # one voice: rank 0 reports
     timings = {"load": t_load}
     draws = []
-    for draw in range(cfg.draws):
-        rep = _adapt_one(cfg, lm, task, draw, out, timings if draw == 0 else {})
+    mc = MetricsCache(lm.model, cfg.metrics_cache)
+    todo = range(cfg.draws) if cfg.only_draw is None else [cfg.only_draw]
+    for draw in todo:
+        rep = _adapt_one(cfg, lm, task, draw, out, timings if draw == todo[0] else {}, mc, test)
         draws.append(rep)
     report = draws[0]
-    if cfg.draws > 1:
+    if len(draws) > 1:
         accs = [d["test"]["adapted"]["accuracy"] for d in draws]
         gains = [d["test"]["adapted"]["accuracy"] - d["test"]["base"]["accuracy"] for d in draws]
         t = torch.tensor(accs, dtype=torch.float64)
@@ -385,10 +357,12 @@ def adapt(cfg: AdaptConfig) -> dict:
                            "mean": float(t.mean()),
                            "std": float(t.std()) if len(accs) > 1 else 0.0,
                            "min": min(accs), "max": max(accs),
-                           "selection_p_max": [(d["search"]["significance"] or {}).get("p_max") for d in draws]}
+                           "selection_p_max": [(d["search"]["significance"] or {}).get("p_max") for d in draws],
+                           "shipped": [d["decision"]["shipped"] for d in draws]}
     timings["total"] = time.perf_counter() - t_start
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
     report["world_size"] = distributed.size()
+    report["metrics_cache"] = mc.stats()
     if main_rank:
         atomic_write_text(out / REPORT, json.dumps(report, indent=2, default=str) + "\n")
     distributed.barrier()
@@ -396,9 +370,14 @@ def adapt(cfg: AdaptConfig) -> dict:
     return report
 
 
-def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) -> dict:
+def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict,
+               mc: MetricsCache | None = None, test=None) -> dict:
     model = lm.model
-    splits = split(task, cfg.samples, cfg.test_size, cfg.seed, draw=draw, n_draws=cfg.draws)
+    n_confirm = cfg.confirm_size if cfg.rule == "confirm" or cfg.compare_rules else 0
+    if test is None:
+        splits = split(task, cfg.samples, cfg.test_size, cfg.seed, draw=draw, n_draws=cfg.draws, n_confirm=n_confirm)
+    else:                                           # the caller's own held-out rows
+        splits = split_with_test(task, test, cfg.samples, cfg.seed, draw=draw, n_draws=cfg.draws, n_confirm=n_confirm)
     refs = target_matrices(model, cfg.types)
     by_name = {r.name: r for r in refs}
     min_rows = min(r.shape[0] for r in refs)
@@ -406,16 +385,16 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
         raise C2IError(f"--clusters {max(cfg.clusters)} is invalid: the scanned matrices have as few as "
                        f"{min_rows} rows (need 1 ≤ k ≤ rows)")
     n_layers = max(r.layer for r in target_matrices(model)) + 1
-    _log(cfg, f"[c2i] {task.name}: {len(splits['select'])} selection / {len(splits['test'])} held-out "
-              f"examples; {len(refs)} matrices", "start", task=task.name, draw=draw,
-         n_select=len(splits["select"]), n_test=len(splits["test"]), n_matrices=len(refs))
+    _log(cfg, f"[c2i] {task.name}: {len(splits['select'])} selection / {len(splits['confirm'])} confirmation / "
+              f"{len(splits['test'])} held-out examples; {len(refs)} matrices", "start", task=task.name, draw=draw,
+         n_select=len(splits["select"]), n_confirm=len(splits["confirm"]), n_test=len(splits["test"]),
+         n_matrices=len(refs))
 
     sel = _scorer(lm, task, splits["select"], cfg)
     # layer inputs kept for the search; the scan's forward fills it when it can (then it is the base evaluation)
     cache = PrefixCache() if task.kind != "generation" and not cfg.dense_candidates else None
-    t0 = time.perf_counter()
     sc = scan(sel, refs, list(cfg.rank_fractions), cfg.top_k, cfg.loss, cfg.score, cfg.progress,
-              checkpointing=cfg.gradient_checkpointing, cache=cache)
+              checkpointing=cfg.gradient_checkpointing, cache=cache, svd=cfg.scan_svd)
     timings.update({"scan_gradient": sc.seconds["gradient"], "scan_svd": sc.seconds["svd"]})
     top = sc.top(cfg.top_k)
     _log(cfg, "[c2i] top matrices: " + ", ".join(f"{m.name} ({m.score:+.3f})" for m in top), "scan",
@@ -427,16 +406,21 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
     timings["candidates"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    base_sel = sc.base if sc.base is not None else sel.evaluate(
-        cache, capture={m.layer for m in top} if cache is not None else set())
+    base_sel = sc.base if sc.base is not None else base_metrics(
+        sel, mc, cache, {m.layer for m in top} if cache is not None else set())[0]
     timings["select_base"] = time.perf_counter() - t2
     journal = out / (JOURNAL if draw == 0 else f"journal.draw{draw}.jsonl")
     done = _read_journal(journal) if cfg.resume else {}
     _emit(cfg, "selection_base", accuracy=base_sel["accuracy"], log_loss=base_sel["log_loss"])
+    prune, prune_off = prune_mode(cfg, task, len(splits["confirm"]), MIN_CONFIRM_ROWS)
+    keep = max(1, cfg.confirm_top)
     res = search(sel, cands, base_sel, cache, n_layers, cfg.max_evals, cfg.compose, cfg.loss, cfg.progress,
-                 on_result=_on_result(cfg, journal), done=done, dense=cfg.dense_candidates)
+                 on_result=_on_result(cfg, journal), done=done, dense=cfg.dense_candidates, prune=prune, keep=keep)
     timings["search"] = res.seconds["search"]
+    # over the fully scored candidates: a pruned one has no full correctness vector (its count is recorded)
     sig = significance(base_sel, rank(res.evaluated), cfg.seed)
+    if sig is not None and prune != "off":
+        sig["pruned"] = res.pruned
     res.best, res.final, gated = gate(res.best, res.final, base_sel, sig, cfg.gate_p)
     if sig is not None:
         sig.update(gate_p=cfg.gate_p, gated=gated)
@@ -447,26 +431,67 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict) 
              "significance", **sig)
     n_same = sum(c.same_as is not None for c in res.evaluated)
     _log(cfg, f"[c2i] evaluated {len(res.evaluated)} of {len(cands)} candidates"
-              + (f" ({n_same} with the factors of an earlier one: its result, no pass)" if n_same else "") + "; plan: "
+              + (f" ({n_same} with the factors of an earlier one: its result, no pass)" if n_same else "")
+              + (f"; {res.pruned} stopped early, unable to reach the best {keep} ({res.row_passes_saved} row·layer "
+                 f"passes saved)" if res.pruned else "") + "; plan: "
               + (", ".join(f"{c.edit.matrix} ρ={c.edit.rank_fraction} k={c.edit.n_clusters} {c.edit.method}"
                            for c in res.best) or "none beat the base model"), "plan",
          edits=[c.edit.to_dict() for c in res.best], n_evaluated=len(res.evaluated), seconds=res.seconds)
 
-    plan = Plan([c.edit for c in res.best], base_model=lm.model_id,
-                meta={"task": task.name, "seed": cfg.seed, "draw": draw, "samples": cfg.samples})
-    test, spent = _conclude(lm, task, splits["test"], cfg, res.best, plan, timings,
-                            out if draw == 0 and distributed.is_main() else None)
+    decisions = _decide(cfg, lm, task, splits["confirm"], res, base_sel, sig, timings)
+    shipped = decisions[cfg.rule]
+    final = res.final if cfg.rule == "paper" else (shipped.plan[0].result if shipped.plan else base_sel)
+    plan = Plan([c.edit for c in shipped.plan], base_model=lm.model_id,
+                meta={"task": task.name, "seed": cfg.seed, "draw": draw, "samples": cfg.samples, "rule": cfg.rule})
+    others = {name: d.plan for name, d in decisions.items() if name != cfg.rule}
+    test, spent, judged = _conclude(lm, task, splits["test"], cfg, shipped.plan, plan, timings,
+                                    out if draw == 0 and distributed.is_main() else None, others, mc)
     _emit(cfg, "held_out", **test)
+    extra = {"decision": {**shipped.summary(), "changed": _changed(shipped, base_sel, res)}}
+    if cfg.compare_rules:
+        extra["rules"] = {name: {"plan": [c.edit.to_dict() for c in d.plan], "shipped": d.shipped,
+                                 "reason": d.reason, "changed": _changed(d, base_sel, res),
+                                 "test": test if name == cfg.rule else judged[name]}
+                          for name, d in decisions.items()}
     return build_report(
-        cfg, task, {"n_select": len(splits["select"]), "n_test": len(splits["test"]), "draw": draw}, plan,
+        cfg, task, {"n_select": len(splits["select"]), "n_test": len(splits["test"]), "draw": draw,
+                    "n_confirm": len(splits["confirm"])}, plan,
         scan={"loss": sc.loss, "loss_kind": sc.loss_kind, "score_kind": sc.score_kind, "skipped": sc.skipped,
-              "matrices": [m.summary() for m in sc.matrices]},
+              "svds": sc.svds, "matrices": [m.summary() for m in sc.matrices]},
         search={"n_candidates": len(cands), "n_evaluated": len(res.evaluated), "n_same_factors": n_same,
                 "rank_correlation_predicted_vs_measured": res.rank_correlation, "significance": sig,
+                "prune": prune, "prune_off_reason": prune_off, "prune_keep": keep, "pruned": res.pruned,
+                "row_passes": res.row_passes, "row_passes_saved": res.row_passes_saved,
                 "candidates": [c.summary() for c in res.candidates]},
-        selection={"base": _strip(base_sel), "adapted": _strip(res.final)}, test=test,
+        selection={"base": _strip(base_sel), "adapted": _strip(final)}, test=test,
         forward_passes=_passes(res.forward_layer_passes, n_layers, gradient_pass_rows=sel.forward_rows),
-        accounting=spent)
+        accounting=spent, **extra)
+
+
+def _decide(cfg: AdaptConfig, lm, task, confirm_rows, res, base_sel: dict, sig: dict | None,
+            timings: dict) -> dict:
+    """The shipping rule's Decision (c2i_fast.confirm.decide), and every rule's with --compare-rules."""
+    t0 = time.perf_counter()
+    conf = _scorer(lm, task, confirm_rows, cfg) if confirm_rows else None
+    ranked = rank(res.evaluated)
+    out = {}
+    for rule in (RULES if cfg.compare_rules else (cfg.rule,)):
+        out[rule] = decide(rule, ranked, base_sel, res.best, conf, top=cfg.confirm_top, alpha=cfg.alpha,
+                           significance=sig, use_cache=task.kind != "generation")
+        _log(cfg, f"[c2i] rule {rule}{'' if rule == cfg.rule else ' (compared, not shipped)'}: {out[rule].reason}",
+             "decision", **out[rule].summary())
+    timings["confirm"] = time.perf_counter() - t0
+    return out
+
+
+def _changed(d, base_sel: dict, res) -> dict:
+    """Fraction of answers a decision's plan changes vs the base model, on the selection and confirmation rows
+    (None where the plan was not scored there)."""
+    if not d.plan:
+        return {"selection": 0.0, "confirmation": 0.0 if d.base is not None else None}
+    sel = res.final if d.rule == "paper" else d.plan[0].result
+    conf = d.confirmed[d.chosen]["changed"] if d.chosen is not None else None
+    return {"selection": changed_fraction(base_sel, sel), "confirmation": conf}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -488,7 +513,8 @@ def laser(cfg: LaserConfig) -> dict:
     timings = {"load": t_load}
     out.mkdir(parents=True, exist_ok=True)
     model = lm.model
-    splits = split(task, cfg.val_size, cfg.test_size, cfg.seed)   # "select" is LASER's validation split
+    # "select" is LASER's validation split
+    splits = split(task, cfg.val_size, cfg.test_size, cfg.seed, draw=cfg.draw, n_draws=cfg.draws)
     refs = target_matrices(model, cfg.types)
     if cfg.layers is not None:
         refs = [r for r in refs if r.layer in set(cfg.layers)]
@@ -518,7 +544,8 @@ def laser(cfg: LaserConfig) -> dict:
     ranked = rank(res.evaluated)
     plan = Plan([c.edit for c in res.best], base_model=lm.model_id,
                 meta={"task": task.name, "seed": cfg.seed, "method": "laser"})
-    test, spent = _conclude(lm, task, splits["test"], cfg, res.best, plan, timings, out)
+    test, spent, _ = _conclude(lm, task, splits["test"], cfg, res.best, plan, timings, out,
+                               mc=MetricsCache(model, cfg.metrics_cache))
     timings["total"] = time.perf_counter() - t_start
     report = build_report(
         cfg, task, {"n_val": len(splits["select"]), "n_test": len(splits["test"])}, plan,
@@ -542,7 +569,7 @@ def evaluate_model(cfg: EvalConfig) -> dict:
     lm, task, t_load = _prepare(cfg)
     splits = split(task, cfg.samples, cfg.test_size, cfg.seed)
     sc = _scorer(lm, task, splits["test"], cfg)
-    base = sc.evaluate()
+    base, _ = base_metrics(sc, MetricsCache(lm.model, cfg.metrics_cache))
     report = {"task": task.name, "n_test": len(splits["test"]), "versions": versions(), "base": _strip(base)}
     if cfg.plan:
         from .artifacts import load_adapted

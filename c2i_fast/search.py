@@ -45,6 +45,11 @@ class Candidate:
         e = self.edit
         return f"{e.matrix}|{e.rank_fraction}|{e.n_clusters}|{e.method}|{e.seed}"
 
+    @property
+    def pruned(self) -> bool:
+        """Was its scoring stopped early (:class:`Pruner`)? Its result then holds no metrics, only how far it got."""
+        return self.result is not None and bool(self.result.get("pruned"))
+
     def summary(self) -> dict:
         d = {**self.edit.to_dict(), "layer": self.layer, "predicted_delta": self.predicted,
              "seconds": round(self.seconds, 4)}
@@ -52,7 +57,8 @@ class Candidate:
             d["same_as"] = self.same_as
         if self.result is not None:
             d.update({k: self.result[k] for k in ("accuracy", "log_loss", "accuracy_sum", "accuracy_mean",
-                                                   "choice_loss") if k in self.result})
+                                                   "choice_loss", "pruned", "rows_scored", "correct_so_far")
+                      if k in self.result})
         return d
 
 
@@ -132,10 +138,11 @@ def duplicates(todo: list[Candidate]) -> dict[int, int]:
 
 
 def evaluate_candidate(scorer: Scorer, c: Candidate, cache: PrefixCache | None, applied: list[Candidate] = (),
-                       dense: bool = False, within: bool = True) -> dict:
+                       dense: bool = False, within: bool = True, stop=None) -> dict:
     """Swap in the candidate (on top of ``applied``), score it from its lowest edited layer, swap back. A lone
     edit (``within``) also replays what runs before it in its own layer, captured on the first candidate at
-    that matrix (:func:`c2i_fast.replay.replay_within`).
+    that matrix (:func:`c2i_fast.replay.replay_within`). ``stop`` may end the pass early
+    (:meth:`c2i_fast.evaluate.Scorer.evaluate`; not with ``dense``).
 
     ``dense=True`` is the paper-faithful/LASER way, kept for the speed bench: rebuild Ŵ dense, write it into
     the weight in place and run a full forward (no factored modules, no prefix cache).
@@ -149,7 +156,7 @@ def evaluate_candidate(scorer: Scorer, c: Candidate, cache: PrefixCache | None, 
     try:
         # Scorer.run falls back to a full pass (capturing the layer) when the cache has no entry for it.
         return scorer.evaluate(cache, start_layer=min(a.layer for a in todo),
-                               within=c.edit.matrix if within and not extra else None)
+                               within=c.edit.matrix if within and not extra else None, stop=stop)
     finally:
         restore_(model, [a.edit.matrix for a in todo])
 
@@ -173,13 +180,63 @@ def _evaluate_dense(scorer: Scorer, todo: list[Candidate]) -> dict:
 @dataclass
 class SearchResult:
     candidates: list[Candidate]              # in evaluation order (see interleave)
-    evaluated: list[Candidate]
+    evaluated: list[Candidate]               # every candidate with a result, pruned ones included
     best: list[Candidate]                    # the plan (empty when nothing beat the base model)
     base: dict
     final: dict                              # selection metrics of the plan
     rank_correlation: float | None
     seconds: dict = field(default_factory=dict)
-    forward_layer_passes: int = 0
+    forward_layer_passes: int | float = 0    # full-sample layer passes (a pruned pass counts its share of rows)
+    prune: str = "off"                       # the pruning rule used (PRUNE_MODES)
+    pruned: int = 0                          # candidates whose scoring stopped early
+    row_passes: int = 0                      # row·layer passes run by the candidates' evaluations
+    row_passes_saved: int = 0                # row·layer passes the pruned candidates did not run
+
+
+PRUNE_MODES = ("exact", "off")
+
+
+def correct_count(result: dict) -> int:
+    """Examples answered correctly in a full evaluation result."""
+    if "correct" in result:
+        return int(sum(result["correct"]))
+    return round(result["accuracy"] * result["n"])
+
+
+class Pruner:
+    """Exact early stopping of a candidate's selection pass. Every decision downstream of the search reads
+    the best ``keep`` candidates by accuracy (the plan: the best one; :func:`c2i_fast.confirm.contenders`: the
+    best ``confirm_top`` with distinct factors; ties broken by log-loss). A candidate whose correct answers so
+    far plus every example still to come is below the ``keep``-th best correct count among the fully scored
+    candidates (distinct factors) ends with strictly lower accuracy than ``keep`` others, so it is in no such
+    set whatever its log-loss: its pass stops there (:meth:`c2i_fast.evaluate.Scorer.evaluate`'s ``stop``).
+    The bar only rises as candidates are added, so a bar from any subset of them is safe."""
+
+    def __init__(self, keep: int):
+        self.keep = max(1, int(keep))
+        self.counts: list[int] = []          # correct counts of fully scored candidates, one per factor signature
+        self.seen: set[tuple] = set()
+
+    def add(self, c: Candidate) -> None:
+        if c.result is None or c.pruned:
+            return
+        sig = factor_signature(c)
+        if sig not in self.seen:
+            self.seen.add(sig)
+            self.counts.append(correct_count(c.result))
+
+    def bar(self) -> int | None:
+        """The ``keep``-th best correct count so far (None while fewer than ``keep`` are fully scored)."""
+        if len(self.counts) < self.keep:
+            return None
+        return sorted(self.counts, reverse=True)[self.keep - 1]
+
+    def stop(self):
+        """The ``stop(correct, remaining)`` test for the next candidate's pass, or None (nothing to beat yet)."""
+        bar = self.bar()
+        if bar is None:
+            return None
+        return lambda correct, remaining: correct + remaining < bar
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
@@ -220,14 +277,17 @@ def interleave(candidates: list[Candidate]) -> list[Candidate]:
 
 
 def rank(evaluated: list[Candidate]) -> list[Candidate]:
-    """Best first: higher selection accuracy, ties by lower log-loss, then by key (a stable order)."""
-    return sorted(evaluated, key=lambda c: (-c.result["accuracy"], c.result["log_loss"], c.key()))
+    """Best first: higher selection accuracy, ties by lower log-loss, then by key (a stable order). Pruned
+    candidates are left out: they are worse than the best ``keep`` (:class:`Pruner`) and have no metrics."""
+    return sorted((c for c in evaluated if not c.pruned),
+                  key=lambda c: (-c.result["accuracy"], c.result["log_loss"], c.key()))
 
 
 def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: PrefixCache | None,
            n_layers: int, max_evals: int | None = None, compose: int = 0, loss_kind: str = "answer",
            progress: bool = True, on_result=None, done: dict[str, dict] | None = None,
-           dense: bool = False, order: str = "interleave", dedupe: bool = True) -> SearchResult:
+           dense: bool = False, order: str = "interleave", dedupe: bool = True, prune: str = "off",
+           keep: int = 1) -> SearchResult:
     """Evaluate candidates in :func:`interleave` order (at most ``max_evals``), pick the best that beats the base
     model (accuracy, ties by log-loss), then greedily try to compose up to ``compose`` more edits on other
     matrices, each kept only if it improves the selection score.
@@ -238,9 +298,20 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
 
     ``order="given"`` evaluates the candidates as listed and ``dedupe=False`` gives every one its own pass:
     LASER's exhaustive sweep, whose candidates have no ΔL̂ to order by (NaN) and are all scored.
+
+    ``prune="exact"`` stops a candidate's pass batch by batch once it cannot be among the best ``keep``
+    (:class:`Pruner`); the order of evaluation, the plan and the best ``keep`` are those of ``prune="off"``.
+    A pruned candidate's result is marked ``"pruned"`` (journaled like any other, left out of :func:`rank`);
+    with ``prune="off"`` a pruned result in ``done`` is scored again. Not with ``dense`` or ``compose`` (the
+    greedy composition reads candidates below the best ``keep``).
     """
     if order not in ("interleave", "given"):
         raise ValueError(f"order must be 'interleave' or 'given', got {order!r}")
+    if prune not in PRUNE_MODES:
+        raise ValueError(f"prune must be one of {PRUNE_MODES}, got {prune!r}")
+    if prune != "off" and (dense or compose):
+        raise ValueError("pruning needs the factored search without --compose")
+    pruner = Pruner(keep) if prune == "exact" else None
     t0 = time.perf_counter()
     ordered = interleave(candidates) if order == "interleave" else list(candidates)
     todo = ordered if not max_evals else ordered[:max_evals]
@@ -249,22 +320,36 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
     same = duplicates(todo) if dedupe and not dense else {}
     share = set(distributed.mine(len(todo)))          # every index in a single process
     local = {}
+    rows, pruned_passes, row_passes = len(getattr(scorer, "examples", ())), 0.0, 0    # selection rows
     for i, c in enumerate(tqdm(todo, desc="search", disable=not progress, leave=False)):
-        if done and c.key() in done:
+        if done and c.key() in done and (pruner is not None or not done[c.key()].get("pruned")):
             c.result = done[c.key()]
+            if pruner is not None:
+                pruner.add(c)
             continue
         if i in same or i not in share:
             continue
         t = time.perf_counter()
-        c.result = evaluate_candidate(scorer, c, cache, dense=dense)
+        stop = {"stop": pruner.stop()} if pruner is not None else {}      # the unpruned call as it always was
+        c.result = evaluate_candidate(scorer, c, cache, dense=dense, **stop)
         c.seconds = time.perf_counter() - t
-        passes += n_layers - c.layer if cache is not None and not dense else n_layers
+        layers = n_layers - c.layer if cache is not None and not dense else n_layers
+        if c.pruned:
+            pruned_passes += layers * c.result["rows_scored"] / rows
+            row_passes += layers * c.result["rows_scored"]
+        else:
+            passes += layers
+            row_passes += layers * rows
+            if pruner is not None:
+                pruner.add(c)
         local[i] = (c.result, c.seconds)
         if on_result is not None and distributed.size() == 1:
             on_result(c)
     if distributed.size() > 1:    # every rank gets every result; rank 0 journals them in single-process order
         every = distributed.gather(local)
         passes = sum(distributed.gather({distributed.rank(): passes}).values())
+        pruned_passes = sum(distributed.gather({distributed.rank(): pruned_passes}).values())
+        row_passes = sum(distributed.gather({distributed.rank(): row_passes}).values())
         for i in sorted(every):
             todo[i].result, todo[i].seconds = every[i]
             if on_result is not None and distributed.is_main():
@@ -276,9 +361,14 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
             if on_result is not None and distributed.is_main():
                 on_result(c)
     evaluated = [c for c in todo if c.result is not None]
+    scored = [c for c in evaluated if not c.pruned]
     loss_key = "choice_loss" if loss_kind == "choice" else "log_loss"
-    measured = [c.result[loss_key] - base[loss_key] for c in evaluated]
-    rho_corr = spearman([c.predicted for c in evaluated], measured)
+    measured = [c.result[loss_key] - base[loss_key] for c in scored]
+    rho_corr = spearman([c.predicted for c in scored], measured)
+    # stopped passes (resumed ones included: a resumed run reports the counts of one run); not their twins
+    cut = [c for c in evaluated if c.pruned and c.same_as is None]
+    saved = sum((n_layers - c.layer if cache is not None else n_layers) * (c.result["n"] - c.result["rows_scored"])
+                for c in cut)
 
     ranked = rank(evaluated)
     plan: list[Candidate] = []
@@ -295,9 +385,33 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
             tries += 1
             tried.add(sig)
             res = evaluate_candidate(scorer, c, cache, applied=plan, dense=dense)
-            passes += n_layers - min(p.layer for p in plan + [c]) if cache is not None and not dense else n_layers
+            layers = n_layers - min(p.layer for p in plan + [c]) if cache is not None and not dense else n_layers
+            passes += layers
+            row_passes += layers * rows
             if better(res, final):
                 plan.append(c)
                 final = res
+    if pruned_passes:
+        passes = round(passes + pruned_passes, 2)
     return SearchResult(ordered, evaluated, plan, base, final, rho_corr,
-                        {"search": time.perf_counter() - t0}, passes)
+                        {"search": time.perf_counter() - t0}, passes, prune, len(cut), row_passes, saved)
+
+
+def prune_mode(cfg, task, n_confirm: int, min_confirm_rows: int) -> tuple[str, str | None]:
+    """The pruning rule the search uses, and why it is off where the run asked for it but cannot have it: the
+    Pruner keeps exact only what reads the best max(1, confirm_top) candidates by accuracy."""
+    if cfg.prune == "off":
+        return "off", None
+    why = None
+    if cfg.gate_p is not None:
+        why = "--gate-p reads the max-T test over every candidate's full correctness"
+    elif cfg.compose:
+        why = "--compose tries candidates below the best few"
+    elif cfg.dense_candidates:
+        why = "dense candidates are scored in one pass"
+    elif task.kind == "generation":
+        why = "generation tasks are scored by greedy decoding after the pass"
+    elif (cfg.rule == "confirm" or cfg.compare_rules) and n_confirm < min_confirm_rows:
+        why = (f"with {n_confirm} < {min_confirm_rows} confirmation rows the confirm rule decides on the selection "
+               f"max-T test over every candidate")
+    return ("off", why) if why else (cfg.prune, None)

@@ -186,12 +186,26 @@ def validate_records(records: list[tuple[int, object]], source: str) -> list[dic
     return out
 
 
-def _user_spec(path: Path, records: list[dict], kind: str | None) -> TaskSpec:
+def _user_spec(path: Path, records: list[dict], kind: str | None, name: str | None = None) -> TaskSpec:
     has_choices = records[0].get("choices") is not None
     if any((r.get("choices") is not None) != has_choices for r in records):
         raise C2IError(f"{path}: mix of records with and without 'choices'")
     kind = kind or ("classification" if has_choices else "recall")
-    return TaskSpec(path.stem, kind, lambda r: r["prompt"].strip())
+    return TaskSpec(name or path.stem, kind, lambda r: r["prompt"].strip())
+
+
+def from_records(records, name: str = "user", kind: str | None = None) -> Task:
+    """A task from records already in memory: a list of dicts or a ``datasets.Dataset`` with the JSONL fields
+    (``id``, ``prompt``, ``answer``, optional ``choices`` / ``answers``; see README "Getting the tasks").
+    Errors name ``name`` and the record's 1-based position."""
+    if kind is not None and kind not in ("classification", "recall", "generation"):
+        raise C2IError(f"kind {kind!r}: choose classification, recall or generation")
+    rows = [dict(r) for r in records]
+    if not rows:
+        raise C2IError(f"{name}: no records")
+    source = f"<{name}>"
+    checked = validate_records(list(enumerate(rows, start=1)), source)
+    return _build(_user_spec(Path(source), checked, kind, name), checked, source)
 
 
 def load_task(name_or_path: str, data_dir_: str | None = None, kind: str | None = None) -> Task:
@@ -220,6 +234,12 @@ def load_task(name_or_path: str, data_dir_: str | None = None, kind: str | None 
         spec = _user_spec(path, records, kind)
     else:
         raise C2IError(f"unknown task {name_or_path!r}: use one of {', '.join(sorted(TASKS))} or a .jsonl path")
+    return _build(spec, records, str(path))
+
+
+def _build(spec: TaskSpec, records: list[dict], source: str) -> Task:
+    """Examples from checked records: the spec's template, answers with their leading space, groups."""
+    path = source
     if spec.keep is not None:
         records = [r for r in records if spec.keep(r)]
     examples = []
@@ -303,6 +323,22 @@ def split(task: Task, n_select: int = 100, n_test: int | None = 500, seed: int =
         raise C2IError(f"task {task.name}: no examples left for the held-out test set")
     confirm = take(n_confirm) if n_confirm else []
     return {"select": select, "val": val, "test": test, "confirm": confirm}
+
+
+def split_with_test(task: Task, test: list[Example], n_select: int = 100, seed: int = 0, draw: int = 0,
+                    n_draws: int = 1, n_confirm: int = 0) -> dict[str, list[Example]]:
+    """:func:`split` of ``task`` into selection draws and confirmation rows, with the held-out rows given
+    (``test``, e.g. a user's own test set). Rows of ``task`` whose id or prompt is also in ``test`` are left out,
+    so nothing is selected on a held-out row."""
+    if not test:
+        raise C2IError("the held-out test set is empty")
+    held = {e.id for e in test} | {e.prompt for e in test}
+    train = Task(task.spec, [e for e in task.examples if e.id not in held and e.prompt not in held], task.source)
+    if not train.examples:
+        raise C2IError(f"task {task.name}: every training row is also a test row")
+    parts = split(train, n_select, None, seed, draw=draw, n_draws=n_draws)
+    rest = parts["test"]            # what the selection draws left, in the seed's order
+    return {"select": parts["select"], "val": [], "test": list(test), "confirm": rest[:n_confirm]}
 
 
 def majority_baseline(examples: list[Example]) -> dict:

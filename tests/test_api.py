@@ -74,7 +74,7 @@ def test_report_rendering_never_imports_torch(tmp_path):
 # configurations
 # ---------------------------------------------------------------------------------------------------------
 SHARED = {"test_size": 500, "seed": 0, "scoring": "mean", "data_dir": None, "metric": None, "batch_tokens": 4096,
-          "share_prefix": True, "progress": True, "threads": None, "log_json": None}
+          "share_prefix": True, "progress": True, "threads": None, "log_json": None, "metrics_cache": True}
 # every field and default each config had before the base class: callers construct them by keyword
 OWN = {
     "AdaptConfig": {"samples": 100, "top_k": 5, "rank_fractions": (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01),
@@ -82,9 +82,13 @@ OWN = {
                     "types": ("q", "k", "v", "qkv", "o", "mlp_in", "mlp_up", "mlp_out"), "max_evals": 48,
                     "compose": 0, "loss": "answer", "score": "first_order", "resume": False, "draws": 1,
                     "dense_candidates": False, "dtype": "float32", "device": None, "device_map": None,
-                    "gradient_checkpointing": False, "gate_p": None},
+                    "gradient_checkpointing": False, "gate_p": None,
+                    # added since: the shipping rule, bench hooks, pruning and the scan's SVD
+                    "rule": "confirm", "confirm_size": 200, "confirm_top": 3, "alpha": 0.05, "compare_rules": False,
+                    "only_draw": None, "prune": "exact", "scan_svd": "full"},
     "LaserConfig": {"val_size": 100, "rank_fractions": (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01),
-                    "types": ("mlp_in", "mlp_out"), "layers": None, "faithful": False, "resume": False},
+                    "types": ("mlp_in", "mlp_out"), "layers": None, "faithful": False, "resume": False,
+                    "draw": 0, "draws": 1},
     "EvalConfig": {"plan": None, "samples": 100, "out": None},
 }
 

@@ -61,7 +61,7 @@ def _embedded(html: str) -> list[bytes]:
 
 def test_real_run_renders_every_figure_and_the_numbers(real_run):
     rep = _report(real_run)
-    assert rep["schema"] == 1
+    assert rep["schema"] == SCHEMA
     index = render_report(real_run)
     assert index == real_run / "report" / "index.html"
     html = index.read_text()

@@ -112,3 +112,19 @@ def test_unreadable_file_is_named(tmp_path):
     p.write_bytes(b'{"id": "a", "prompt": "caf\xe9", "answer": "x"}\n')
     with pytest.raises(C2IError, match=f"data file {p} is unreadable"):
         read_jsonl(p)
+
+
+def test_confirmation_rows_are_disjoint_and_leave_the_other_splits_as_they_were():
+    task = load_task("fever")
+    plain = split(task, 50, 200, seed=3, draw=1, n_draws=2)
+    withc = split(task, 50, 200, seed=3, draw=1, n_draws=2, n_confirm=120)
+    for k in ("select", "test"):
+        assert [e.id for e in plain[k]] == [e.id for e in withc[k]]
+    assert plain["confirm"] == [] and len(withc["confirm"]) == 120
+    groups = {k: {e.group for e in withc[k]} for k in ("select", "test", "confirm")}
+    assert not groups["confirm"] & (groups["select"] | groups["test"])
+    other_draw = split(task, 50, 200, seed=3, draw=0, n_draws=2, n_confirm=120)
+    assert not {e.group for e in other_draw["select"]} & groups["confirm"]
+    tiny = load_task("bigbench_causal_judgment")              # 190 rows: fewer confirmation rows than asked
+    s = split(tiny, 50, 100, seed=0, n_confirm=200)
+    assert 0 < len(s["confirm"]) < 200 and len(s["select"]) + len(s["test"]) + len(s["confirm"]) <= len(tiny.examples)

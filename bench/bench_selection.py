@@ -1,0 +1,180 @@
+"""Selection-rule bench: does the plan that ships hold up on held-out rows? Paper rule vs the confirmation rule
+(and LASER in the same harness, where asked), paired with the base model on the same held-out rows.
+
+One unit per (task, draw): ``c2i adapt --draws N`` split (disjoint selection samples, one held-out set per
+task), the search run once, then both rules decided (``--compare-rules``) and every rule's plan judged on the
+held-out rows: fixed / broken, Δ with its 95% interval, exact McNemar p, fraction of answers changed. LASER
+(``--laser-layers``) selects on the same draw's selection rows with its ρ grid on {mlp_in, mlp_out} of those
+layers. Each unit is written atomically to ``<out>/<task>/draw<d>.json`` when it finishes and skipped when it
+exists, so a killed run resumes; ``--summary`` rewrites ``<out>/summary.json`` and prints the markdown table.
+
+    python bench/bench_selection.py --model smollm2 --tasks fever,counterfact --draws 5 \
+        --out bench/results/selection-smollm2
+    python bench/bench_selection.py --model qwen2.5-coder-1.5b --tasks fever --draws 2 --test-size 300 \
+        --top-k 3 --max-evals 16 --laser-layers 17-27 --out bench/results/selection-qwen2.5-coder-1.5b
+    python bench/bench_selection.py --out bench/results/selection-smollm2 --summary
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from c2i_fast.io import atomic_write_text, device_name, versions  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import git_commit, parse_layers  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+WORSE_P = 0.05          # a draw "ships a significantly worse plan": held-out Δ < 0 with McNemar p < this
+
+
+def _held_out(test: dict) -> dict:
+    """The held-out numbers a unit keeps of one plan: accuracies, the paired test, answers changed."""
+    pd = test.get("paired") or {}
+    return {"base_accuracy": test["base"]["accuracy"], "accuracy": test["adapted"]["accuracy"],
+            "majority": test["base"].get("majority"), "n": test["base"]["n"],
+            "fixed": pd.get("fixed"), "broken": pd.get("broken"), "difference": pd.get("difference"),
+            "ci95": pd.get("ci95"), "p_two_sided": pd.get("p_two_sided"), "changed": test.get("changed"),
+            "log_loss_base": test["base"]["log_loss"], "log_loss": test["adapted"]["log_loss"]}
+
+
+def run_unit(args, task: str, draw: int) -> dict:
+    from c2i_fast.pipeline import AdaptConfig, LaserConfig, adapt, laser
+    work = Path(tempfile.mkdtemp(prefix="c2i-selection-"))
+    try:
+        t0 = time.perf_counter()
+        rep = adapt(AdaptConfig(
+            model=args.model, task=task, out=str(work / "adapt"), samples=args.samples, test_size=args.test_size,
+            top_k=args.top_k, max_evals=args.max_evals, draws=args.draws, only_draw=draw, seed=args.seed,
+            rule="confirm", compare_rules=True, confirm_size=args.confirm_size, threads=args.threads,
+            progress=not args.quiet))
+        unit = {
+            "task": task, "draw": draw, "seconds": round(time.perf_counter() - t0, 1),
+            "sizes": {k: rep["task"].get(k) for k in ("n_select", "n_confirm", "n_test")},
+            "selection_base_accuracy": rep["selection"]["base"]["accuracy"],
+            "significance": rep["search"]["significance"], "n_evaluated": rep["search"]["n_evaluated"],
+            "decision": rep["decision"], "timings": rep["timings"],
+            "rules": {name: {"plan": r["plan"], "shipped": r["shipped"], "reason": r["reason"],
+                             "changed": r["changed"], "held_out": _held_out(r["test"])}
+                      for name, r in rep["rules"].items()},
+        }
+        if args.laser_layers and task in (args.laser_tasks or args.tasks).split(","):
+            t1 = time.perf_counter()
+            lrep = laser(LaserConfig(
+                model=args.model, task=task, out=str(work / "laser"), val_size=args.samples,
+                test_size=args.test_size, layers=parse_layers(args.laser_layers), seed=args.seed, draw=draw,
+                draws=args.draws, threads=args.threads, progress=not args.quiet))
+            unit["rules"]["laser"] = {"plan": lrep["plan"], "shipped": bool(lrep["plan"]),
+                                      "reason": f"LASER grid: layers {args.laser_layers} × {{mlp_in, mlp_out}} × "
+                                                f"{len(lrep['config']['rank_fractions'])} ρ, best on the same "
+                                                f"{lrep['task']['n_val']} selection rows",
+                                      "changed": None, "held_out": _held_out(lrep["test"]),
+                                      "seconds": round(time.perf_counter() - t1, 1)}
+        return unit
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def summarize(out: Path) -> dict:
+    """Per task and rule over the finished draws: held-out Δ per draw, its mean, draws shipped, draws
+    significantly worse than the base (Δ < 0, p < 0.05)."""
+    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
+    tasks = {}
+    for f in sorted(out.glob("*/draw*.json")):
+        u = json.loads(f.read_text())
+        t = tasks.setdefault(u["task"], {})
+        for name, r in u["rules"].items():
+            s = t.setdefault(name, {"draws": [], "delta": [], "shipped": 0, "worse": 0, "p": [], "changed": []})
+            h = r["held_out"]
+            s["draws"].append(u["draw"])
+            s["delta"].append(h["difference"])
+            s["p"].append(h["p_two_sided"])
+            s["changed"].append(h["changed"])
+            s["shipped"] += bool(r["shipped"])
+            s["worse"] += bool(h["difference"] is not None and h["difference"] < 0 and h["p_two_sided"] is not None
+                               and h["p_two_sided"] < WORSE_P)
+    for t in tasks.values():
+        for s in t.values():
+            d = [x for x in s["delta"] if x is not None]
+            s["mean_delta"] = sum(d) / len(d) if d else None
+    return {"meta": meta, "tasks": tasks}
+
+
+def markdown(summary: dict) -> str:
+    rows = ["| task | rule | draws | shipped | held-out Δ per draw (pts) | mean Δ | sig. worse | answers changed |",
+            "|---|---|---|---|---|---|---|---|"]
+    for task, rules in summary["tasks"].items():
+        for name in [r for r in ("paper", "confirm", "laser") if r in rules]:
+            s = rules[name]
+            per = ", ".join(f"{100 * x:+.1f}" if x is not None else "–" for x in s["delta"])
+            ch = [c for c in s["changed"] if c is not None]
+            rows.append(f"| {task} | {name} | {len(s['draws'])} | {s['shipped']} | {per} | "
+                        f"{100 * s['mean_delta']:+.2f} | {s['worse']} | "
+                        f"{(100 * sum(ch) / len(ch)):.1f}% |" if s["mean_delta"] is not None else "")
+    return "\n".join(r for r in rows if r)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--tasks", default="fever", help="comma-separated task names")
+    ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--samples", type=int, default=100)
+    ap.add_argument("--confirm-size", type=int, default=200)
+    ap.add_argument("--test-size", type=int, default=500)
+    ap.add_argument("--top-k", type=int, default=5)
+    ap.add_argument("--max-evals", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--laser-layers", help="also LASER in the same harness on these layers, e.g. 17-27")
+    ap.add_argument("--laser-tasks", help="LASER on these tasks only (default: every task)")
+    ap.add_argument("--out", required=True, help="folder of unit JSONs (created)")
+    ap.add_argument("--summary", action="store_true", help="only rewrite summary.json and print the table")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if not args.summary:
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"model": args.model, "device": device_name(), "threads": args.threads, "versions": versions(),
+                "commit": git_commit(), "command": "python bench/bench_selection.py " + " ".join(sys.argv[1:]
+                                                                                              if argv is None else argv),
+                "settings": {k: getattr(args, k) for k in ("samples", "confirm_size", "test_size", "top_k",
+                                                           "max_evals", "seed", "draws", "laser_layers",
+                                                           "laser_tasks")}}
+        meta_path = out / "meta.json"
+        if meta_path.is_file():
+            old = json.loads(meta_path.read_text())
+            if old.get("settings") != meta["settings"] or old.get("model") != args.model:
+                print(f"bench_selection: {out} holds units made with other settings ({old.get('settings')}); "
+                      f"use another --out", file=sys.stderr)
+                return 2
+            meta["runs"] = old.get("runs", []) + [{k: meta[k] for k in ("commit", "command", "device", "threads")}]
+        else:
+            meta["runs"] = [{k: meta[k] for k in ("commit", "command", "device", "threads")}]
+        meta["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+        for draw in range(args.draws):              # draw-major: every task gets its first draws early
+            for task in args.tasks.split(","):
+                path = out / task / f"draw{draw}.json"
+                if path.is_file():
+                    continue
+                print(f"[bench_selection] {args.model} {task} draw {draw}", file=sys.stderr, flush=True)
+                unit = run_unit(args, task, draw)
+                unit.update(commit=git_commit(), finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+                atomic_write_text(path, json.dumps(unit, indent=2, default=str) + "\n")
+    summary = summarize(out)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""bench/bench_tasks.py (the results table) and bench/render_tasks.py: cells written once and resumed, sizes fitted
+to small tasks, the markdown table with every planned cell. The end-to-end run is tiny but real (SmolLM2, FEVER)."""
+import json
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def bench(import_bench):
+    return import_bench("bench_tasks")
+
+
+@pytest.fixture(scope="module")
+def render(import_bench):
+    return import_bench("render_tasks")
+
+
+def _cell(task, method, acc, n=200, paired=None, **extra):
+    return {"model": "smollm2", "task": task, "method": method,
+            "sizes": {"examples": 13086, "n_select": 100, "n_test": n, "n_confirm": 200, "fitted": None},
+            "held_out": {"n": n, "accuracy": acc, "accuracy_ci95": None, "interval": "wilson",
+                         "majority": {"label": "true", "accuracy": 0.55, "chance": 0.5}, "log_loss": 0.6931,
+                         "base_accuracy": 0.5, "paired": paired, "changed": 0.0 if paired is None else 0.12},
+            "plan": [] if paired is None else [{"matrix": "model.layers.11.mlp.down_proj", "rank_fraction": 0.05,
+                                                "n_clusters": 2, "method": "block"}],
+            "seconds": 12.3, "layer_passes": 0 if paired is None else 1002,
+            "provenance": {"device": "AMD EPYC", "threads": 1, "commit": "abc1234", "date": "2026-12-01 12:00:00 UTC",
+                           "versions": {"c2i_fast": "0.1.0", "torch": "2.13.0", "platform": "Linux"},
+                           "command": "python bench/bench_tasks.py --tasks fever"}, **extra}
+
+
+def _write(folder, cell):
+    path = folder / cell["task"] / f"{cell['method']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cell))
+
+
+def test_wilson_interval(render):
+    lo, hi = render.wilson(50, 100)
+    assert (round(lo, 4), round(hi, 4)) == (0.4038, 0.5962)
+    lo, hi = render.wilson(0, 10)
+    assert lo == 0.0 and round(hi, 4) == 0.2775           # stays inside [0, 1] where the normal one would not
+    assert render.wilson(0, 0) is None
+
+
+def test_sizes_fit_small_tasks(bench):
+    assert bench.fit_sizes(13086, 100, 500) == {"examples": 13086, "n_select": 100, "n_test": 500, "fitted": None}
+    s = bench.fit_sizes(190, 100, 500)                  # bigbench_causal_judgment
+    assert (s["n_select"], s["n_test"]) == (100, 90) and "90 held-out rows" in s["fitted"]
+    s = bench.fit_sizes(80, 100, 500)                   # bias_in_bios_profession: half and half
+    assert (s["n_select"], s["n_test"]) == (40, 40) and "half" in s["fitted"]
+
+
+def test_skip_cell_specs(bench):
+    specs = ["qwen:hotpotqa:laser=480 generation passes: days here", "fever:c2i=later"]
+    assert bench.parse_skips(specs, "qwen2.5-coder-1.5b") == {("hotpotqa", "laser"): "480 generation passes: "
+                                                              "days here", ("fever", "c2i"): "later"}
+    assert bench.parse_skips(specs, "smollm2") == {("fever", "c2i"): "later"}
+    for bad in ["fever:laser", "fever:lasr=x", "fever=x"]:
+        with pytest.raises(SystemExit):
+            bench.parse_skips([bad], "smollm2")
+
+
+def test_estimates_and_max_minutes(bench, tmp_path):
+    rep = {"forward_passes": {"layers": 30, "search_layer_passes": 100}, "task": {"kind": "classification"},
+           "timings": {"load": 2.0, "scan_svd": 14.0, "search": 10.0, "confirm": 3.0, "test_base": 5.0,
+                       "test_adapted": 1.0, "total": 40.0},
+           "search": {"candidates": [{"layer": 20}, {"layer": 25}]}, "scan": {"matrices": [{}] * 210}}
+    est = bench.estimates(rep, (28, 29))
+    assert est["seconds_per_layer_pass"] == 0.1
+    assert est["c2i"] == round(40 - 10 - 3 + 0.1 * (10 + 5), 1)              # shared phases + every candidate
+    assert est["laser"] == round(2 + 14 * 2 / 7 * 2 / 30 + 6 + 0.1 * (30 + 16 * (2 + 1)), 1)
+    rep["task"]["kind"] = "generation"                                        # no cache: every pass is whole
+    assert bench.estimates(rep, None)["laser"] == round(2 + 14 * 2 / 7 + 6 + 0.1 * (30 + 16 * 30 * 30), 1)
+    _write(tmp_path, _cell("fever", "c2i_fast", 0.5, estimates={"c2i": 7200.0, "laser": 600.0,
+                                                                "seconds_per_layer_pass": 0.1}))
+    args = type("Args", (), {"max_minutes": 60, "out": str(tmp_path), "skip_cell": [], "model": "smollm2"})
+    b = bench.Bench(args, "cmd")
+    assert "estimated 120 min > --max-minutes 60" in b.too_slow("fever", "c2i")
+    assert b.too_slow("fever", "laser") is None and b.too_slow("fever", "c2i_fast") is None
+    args.max_minutes = None
+    assert b.too_slow("fever", "c2i") is None
+
+
+def test_renderer_table_from_hand_made_cells(render, tmp_path):
+    out = tmp_path / "tasks-smollm2"
+    out.mkdir()
+    (out / "meta.json").write_text(json.dumps({
+        "model": "smollm2", "tasks": ["fever", "bias_in_bios_profession"], "methods": list(render.METHODS),
+        "settings": {"samples": 100, "test_size": 200, "seed": 0},
+        "runs": [{"command": "python bench/bench_tasks.py --model smollm2 --tasks fever --out X"}]}))
+    base = _cell("fever", "base", 0.5)
+    base["held_out"]["accuracy_ci95"] = render.wilson(100, 200)
+    fast = _cell("fever", "c2i_fast", 0.56, paired={"n": 200, "fixed": 20, "broken": 8, "difference": 0.06,
+                                                     "se": 0.02, "ci95": [0.02, 0.1], "p_two_sided": 0.036})
+    fast["held_out"]["accuracy_ci95"] = render.wilson(112, 200)
+    c2i = _cell("fever", "c2i", 0.5, paired={"n": 200, "fixed": 0, "broken": 0, "difference": 0.0, "se": 0.0,
+                                            "ci95": [0.0, 0.0], "p_two_sided": 1.0})
+    c2i["plan"] = []
+    c2i["sizes"]["fitted"] = "made up: fewer rows"
+    for c in (base, fast, c2i):
+        _write(out, c)
+    _write(out, {"model": "smollm2", "task": "fever", "method": "laser", "skipped": "estimated 900 min > 600"})
+    md = render.render(out)
+    lines = md.splitlines()
+    assert lines[0] == "### smollm2"
+    table = [ln for ln in lines if ln.startswith("| ") and not ln.startswith("| task")]
+    assert len(table) == 8                       # 2 planned tasks × 4 methods
+    assert all(ln.count("|") == 14 for ln in table + [render.HEADER, render.RULE])
+    rows = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in table}
+    assert "50.0% [43.1, 56.9]" in rows["fever", "base"] and "(the base model)" in rows["fever", "base"]
+    assert "55.0% (true)" in rows["fever", "base"]
+    r = rows["fever", "c2i_fast"]
+    assert "56.0% [49.1, 62.7]" in r and "+6.0 pts [+2.0, +10.0]" in r and "20 / 8" in r and "| 0.036 |" in r
+    assert "L11 mlp.down_proj ρ=0.05 k=2 block" in r and "12.0%" in r and "1,002" in r and "0.693" in r
+    assert "none: base kept" in rows["fever", "c2i"] and "100 / 200\\*" in rows["fever", "c2i"]
+    assert "skipped: estimated 900 min > 600" in rows["fever", "laser"]
+    assert all("not run yet" in rows["bias_in_bios_profession", m] for m in render.METHODS)
+    assert "\\* fever: made up: fewer rows" in md
+    assert "Command: `python bench/bench_tasks.py --model smollm2 --tasks fever --out X`" in md
+    assert "AMD EPYC (1 thread)" in md and "torch 2.13.0" in md and "abc1234" in md and "2026-12-01" in md
+    assert "Wilson" in md and "McNemar" in md
+    # a method cell whose base differs from the base cell's: not the same held-out rows, said under the table
+    fast["held_out"]["base_accuracy"] = 0.51
+    _write(out, fast)
+    assert "not the same rows" in render.render(out)
+
+
+def test_render_plans_cells_of_a_folder_not_made_yet(bench, tmp_path, capsys):
+    assert bench.main(["--render", "--out", str(tmp_path / "none"), "--model", "qwen2.5-coder-1.5b",
+                       "--tasks", "fever,truthfulqa"]) == 0
+    md = capsys.readouterr().out
+    assert "### qwen2.5-coder-1.5b" in md and md.count("not run yet") == 8
+
+
+def test_every_cell_present_runs_nothing(bench, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "tasks"
+    for m in ("base", "laser", "c2i", "c2i_fast"):
+        _write(out, _cell("fever", m, 0.5))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
+
+    def boom(*a, **k):
+        raise AssertionError("nothing should run: every cell exists")
+    monkeypatch.setattr(bench.Bench, "run_method", boom)
+    monkeypatch.setattr(bench.Bench, "base_alone", boom)
+    assert bench.main(["--model", "smollm2", "--tasks", "fever", "--out", str(out), "--quiet"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "meta.json"} == before
+    assert capsys.readouterr().out.count("| fever |") == 4
+
+
+@pytest.mark.slow
+def test_end_to_end_tiny_run_resumes_and_renders(bench, render, tmp_path, monkeypatch, capsys):
+    """Tiny real run (SmolLM2, FEVER, 20 selection / 30 held-out rows): a cell left by a killed run stays as it
+    is, the missing ones are made, a rerun loads no model; the table has the four cells with numbers."""
+    import c2i_fast.pipeline as pipeline
+    monkeypatch.setenv("C2I_DATA", os.environ.get("C2I_DATA", "/work/shared/data"))
+    loads = []
+    real_load = pipeline.load_model
+
+    def counting_load(*a, **k):
+        loads.append(a[0] if a else k.get("model"))
+        return real_load(*a, **k)
+    monkeypatch.setattr(pipeline, "load_model", counting_load)
+    out = tmp_path / "tasks-smollm2"
+    argv = ["--model", "smollm2", "--tasks", "fever", "--samples", "20", "--test-size", "30", "--top-k", "1",
+            "--max-evals", "3", "--clusters", "1,2", "--methods", "block", "--rank-fractions", "0.1,0.01",
+            "--laser-layers", "28,29", "--confirm-size", "60", "--threads", "1", "--quiet", "--out", str(out)]
+    left = _cell("fever", "laser", 0.25, paired={"n": 30, "fixed": 0, "broken": 0, "difference": 0.0, "se": 0.0,
+                                                "ci95": [0.0, 0.0], "p_two_sided": 1.0})
+    _write(out, left)                                  # what a run killed after its laser cell left behind
+    assert bench.main(argv) == 0
+    assert len(loads) == 2                             # c2i_fast and c2i; laser's cell was there
+    assert json.loads((out / "fever" / "laser.json").read_text()) == left
+    (out / "fever" / "laser.json").unlink()            # now the run killed before laser: it resumes there
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "fever").glob("*.json")}
+    assert bench.main(argv) == 0
+    assert len(loads) == 3
+    assert {p: p.stat().st_mtime_ns for p in (out / "fever").glob("*.json") if p in stamps} == stamps
+    assert sorted(p.name for p in (out / "fever").glob("*.json")) == ["base.json", "c2i.json", "c2i_fast.json",
+                                                                     "laser.json"]
+    capsys.readouterr()
+    assert bench.main(argv) == 0                       # every cell present: no model load
+    assert len(loads) == 3
+
+    cells = {m: json.loads((out / "fever" / f"{m}.json").read_text()) for m in render.METHODS}
+    base = cells["base"]["held_out"]
+    for m, c in cells.items():
+        assert c["sizes"]["n_select"] == 20 and c["sizes"]["n_test"] == 30 and c["held_out"]["n"] == 30
+        assert c["held_out"]["base_accuracy"] == base["accuracy"]      # the same held-out rows
+        lo, hi = c["held_out"]["accuracy_ci95"]
+        assert lo <= c["held_out"]["accuracy"] <= hi
+        assert c["provenance"]["versions"]["torch"] and c["provenance"]["command"].startswith("python bench/")
+    assert cells["c2i"]["rule"] == "paper" and cells["c2i"]["n_evaluated"] == cells["c2i"]["n_candidates"] == 4
+    assert cells["c2i_fast"]["rule"] == "confirm" and cells["c2i_fast"]["n_evaluated"] <= 3
+    assert cells["c2i_fast"]["sizes"]["n_confirm"] == 60 and cells["c2i"]["sizes"]["n_confirm"] == 0
+    assert set(cells["c2i_fast"]["estimates"]) >= {"c2i", "laser"}
+    assert cells["laser"]["laser_layers"] == "28,29" and cells["laser"]["n_candidates"] == 2 * 2 * 8
+    assert cells["base"]["layer_passes"] == 0 and cells["base"]["source"] == "c2i_fast"
+    assert (out / "fever" / "reports" / "c2i.json").is_file()
+    md = capsys.readouterr().out
+    rows = [ln for ln in md.splitlines() if ln.startswith("| fever |")]
+    assert len(rows) == 4 and not any("not run yet" in r or "skipped" in r for r in rows)
+    assert all("%" in r.split("|")[4] for r in rows)                  # an accuracy in every row

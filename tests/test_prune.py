@@ -1,0 +1,178 @@
+"""Exact pruning of the search (c2i_fast.search.Pruner, Scorer.evaluate's ``stop``): a candidate stops once even
+every remaining selection row answered correctly cannot put it among the best ``keep``; the plan and the best
+``keep`` are those of unpruned scoring, and a resumed run gives them too.
+
+The search tests score fake candidates (fixed correctness vectors, batch by batch) through the real search();
+the Scorer tests run SmolLM2."""
+import random
+
+import pytest
+
+import c2i_fast.search as search_mod
+from c2i_fast.evaluate import Scorer
+from c2i_fast.models import decoder_layers
+from c2i_fast.plan import Edit
+from c2i_fast.replay import PrefixCache
+from c2i_fast.search import Candidate, Pruner, rank, search
+from c2i_fast.tasks import check_tokenization, load_task, split
+
+N_LAYERS = 30
+
+
+class FakeScorer:
+    def __init__(self, n):
+        self.examples = list(range(n))
+
+
+def _fake(n_cands, n, batches, rng):
+    """Candidates with random correctness vectors (some near-duplicates in accuracy) and log-losses."""
+    cands, truth = [], {}
+    for i in range(n_cands):
+        p = rng.choice([0.2, 0.5, 0.6, 0.62, 0.65, 0.7])
+        correct = [rng.random() < p for _ in range(n)]
+        c = Candidate(Edit(f"model.layers.{20 + i % 5}.mlp.down_proj", 0.1 + i / 1000), 20 + i % 5, -float(i))
+        truth[c.key()] = {"n": n, "correct": correct, "accuracy": sum(correct) / n,
+                          "log_loss": rng.choice([0.5, 0.6, 0.7]) if rng.random() < 0.5 else rng.random()}
+        cands.append(c)
+    return cands, truth
+
+
+def _patch(monkeypatch, truth, batches, calls):
+    """evaluate_candidate → the candidate's fixed result, asking ``stop`` after each batch as Scorer.evaluate does."""
+    def fake(scorer, c, cache, applied=(), dense=False, within=True, stop=None):
+        calls.append(c.key())
+        res = truth[c.key()]
+        seen = correct = 0
+        for size in batches:
+            seen += size
+            correct += sum(res["correct"][seen - size:seen])
+            if stop is not None and seen < res["n"] and stop(correct, res["n"] - seen):
+                return {"pruned": True, "n": res["n"], "rows_scored": seen, "correct_so_far": correct}
+        return dict(res)
+    monkeypatch.setattr(search_mod, "evaluate_candidate", fake)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("keep", [1, 3])
+def test_pruned_search_keeps_the_plan_and_the_best_keep(monkeypatch, seed, keep):
+    rng = random.Random(seed)
+    n, batches = 50, [12, 9, 15, 10, 4]
+    cands, truth = _fake(24, n, batches, rng)
+    base = {"n": n, "accuracy": 0.5, "log_loss": 0.65, "correct": [True] * 25 + [False] * 25}
+    calls = []
+    _patch(monkeypatch, truth, batches, calls)
+    off = search(FakeScorer(n), cands, base, PrefixCache(), N_LAYERS, max_evals=20, progress=False)
+    full = [c.key() for c in rank(off.evaluated)[:keep]]
+    plan_off = [c.key() for c in off.best]
+    for c in cands:
+        c.result = None
+    journal = []
+    on = search(FakeScorer(n), cands, base, PrefixCache(), N_LAYERS, max_evals=20, progress=False,
+                prune="exact", keep=keep, on_result=lambda c: journal.append((c.key(), c.result)))
+    assert [c.key() for c in on.best] == plan_off
+    assert [c.key() for c in rank(on.evaluated)[:keep]] == full
+    assert on.final == off.final
+    pruned = [c for c in on.evaluated if c.pruned]
+    assert on.pruned == len(pruned)
+    assert on.row_passes_saved == sum((N_LAYERS - c.layer) * (n - c.result["rows_scored"]) for c in pruned)
+    assert on.row_passes + on.row_passes_saved == off.row_passes
+    bar = sorted((sum(truth[c.key()]["correct"]) for c in rank(off.evaluated)), reverse=True)[keep - 1]
+    for c in pruned:                        # provably out: its best case is below the keep-th best
+        assert c.result["correct_so_far"] + n - c.result["rows_scored"] < bar
+        assert sum(truth[c.key()]["correct"]) < bar
+        assert "accuracy" not in c.summary() and c.summary()["pruned"] is True
+    # resumed from any prefix of the journal: the same plan, the same pruned candidates, no re-scoring of the done
+    cut = rng.randrange(len(journal) + 1)
+    for c in cands:
+        c.result = None
+    calls.clear()
+    again = search(FakeScorer(n), cands, base, PrefixCache(), N_LAYERS, max_evals=20, progress=False,
+                   prune="exact", keep=keep, done=dict(journal[:cut]))
+    assert [c.key() for c in again.best] == plan_off and again.pruned == on.pruned
+    assert not set(calls) & {k for k, _ in journal[:cut]}
+    # resumed with pruning off: the pruned ones are scored in full
+    for c in cands:
+        c.result = None
+    calls.clear()
+    full_again = search(FakeScorer(n), cands, base, PrefixCache(), N_LAYERS, max_evals=20, progress=False,
+                        done=dict(journal))
+    assert set(calls) == {c.key() for c in pruned} and full_again.pruned == 0
+    assert [c.key() for c in full_again.best] == plan_off
+
+
+def test_pruner_bar_counts_distinct_factors_and_waits_for_keep():
+    p = Pruner(2)
+    mk = lambda i, k: Candidate(Edit("m.layers.1.mlp.up_proj", 0.1 * (i + 1)), 1, 0.0)   # noqa: E731
+    a, b = mk(0, 0), mk(1, 0)
+    a.result = {"n": 10, "correct": [True] * 8 + [False] * 2, "accuracy": 0.8, "log_loss": 1.0}
+    p.add(a)
+    assert p.stop() is None                    # one scored, keep = 2: nothing can be ruled out yet
+    p.add(a)                                   # the same factors again (a twin from a journal): counted once
+    assert p.bar() is None
+    b.result = {"n": 10, "correct": [True] * 6 + [False] * 4, "accuracy": 0.6, "log_loss": 1.0}
+    p.add(b)
+    assert p.bar() == 6
+    stop = p.stop()
+    assert stop(1, 4) and not stop(2, 4)        # 5 < 6 stops; 6 (a tie in accuracy) goes on: log-loss decides
+    pruned = mk(2, 0)
+    pruned.result = {"pruned": True, "n": 10, "rows_scored": 4, "correct_so_far": 0}
+    p.add(pruned)
+    assert p.bar() == 6 and rank([a, b, pruned]) == [a, b]
+
+
+def test_pruning_refuses_what_it_cannot_keep_exact():
+    with pytest.raises(ValueError):
+        search(FakeScorer(4), [], {}, None, N_LAYERS, compose=1, prune="exact")
+    with pytest.raises(ValueError):
+        search(FakeScorer(4), [], {}, None, N_LAYERS, prune="maybe")
+
+
+# -- the Scorer, on SmolLM2 ----------------------------------------------------------------------------
+def _scorer(smollm2, data_dir, name, n=40):
+    task = check_tokenization(load_task(name, data_dir), smollm2.tokenizer)
+    rows = split(task, n, 8, seed=0)["select"]
+    return Scorer(smollm2.model, smollm2.tokenizer, rows, task.kind, batch_tokens=600)
+
+
+@pytest.mark.parametrize("name", ["fever", "counterfact"])
+def test_a_stop_that_never_fires_changes_no_bit(smollm2, data_dir, name):
+    sc = _scorer(smollm2, data_dir, name)
+    assert len(sc.batches) > 2
+    asked = []
+    plain = sc.evaluate()
+    watched = sc.evaluate(stop=lambda correct, remaining: asked.append((correct, remaining)) and False)
+    assert watched == plain
+    assert len(asked) == len(sc.batches) - 1
+    assert all(c + r <= len(sc.examples) for c, r in asked)
+    assert asked[-1][0] <= sum(plain["correct"])
+
+
+def test_a_stop_ends_the_pass_with_what_it_has_seen(smollm2, data_dir):
+    sc = _scorer(smollm2, data_dir, "bigbench_epistemic_reasoning")
+    plain = sc.evaluate()
+    res = sc.evaluate(stop=lambda correct, remaining: True)
+    assert res["pruned"] and res["batches_scored"] == 1
+    first = {r.example for r in sc.batches[0].rows}
+    assert res["rows_scored"] == len(first)
+    assert res["correct_so_far"] == sum(plain["correct"][e] for e in first)
+
+
+def test_search_on_smollm2_prunes_without_changing_the_plan(smollm2, data_dir):
+    """Plain truncations of two top layers' matrices on 40 FEVER rows: the same plan and best 3, fewer rows."""
+    from c2i_fast.decompose import full_svd
+    from c2i_fast.models import target_matrices
+    sc = _scorer(smollm2, data_dir, "fever")
+    model = smollm2.model
+    refs = [r for r in target_matrices(model) if r.layer in (27, 28) and r.type in ("mlp_down", "attn_o")]
+    cands = [Candidate(Edit(r.name, rho), r.layer, -rho, full_svd(r.weight()))
+             for r in refs for rho in (0.9, 0.3, 0.05, 0.01)]
+    n_layers = len(decoder_layers(model))
+    cache = PrefixCache()
+    base = sc.evaluate(cache, capture={27, 28})
+    off = search(sc, cands, base, cache, n_layers, max_evals=None, progress=False)
+    for c in cands:
+        c.result = None
+    on = search(sc, cands, base, cache, n_layers, max_evals=None, progress=False, prune="exact", keep=3)
+    assert [c.key() for c in on.best] == [c.key() for c in off.best] and on.final == off.final
+    assert [c.key() for c in rank(on.evaluated)[:3]] == [c.key() for c in rank(off.evaluated)[:3]]
+    assert on.row_passes + on.row_passes_saved == off.row_passes
