@@ -12,24 +12,21 @@ import sys
 from .errors import C2IError
 
 
-def _floats(text: str) -> tuple:
-    try:
-        vals = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("empty list")
-    return vals
+def _list_of(kind, what: str):
+    """An argparse type: comma-separated values converted by ``kind`` (a non-empty tuple)."""
+    def parse(text: str) -> tuple:
+        try:
+            vals = tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+        if not vals:
+            raise argparse.ArgumentTypeError("empty list")
+        return vals
+    return parse
 
 
-def _ints(text: str) -> tuple:
-    try:
-        vals = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("empty list")
-    return vals
+_floats = _list_of(float, "numbers")
+_ints = _list_of(int, "integers")
 
 
 def _strs(text: str) -> tuple:

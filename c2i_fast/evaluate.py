@@ -203,9 +203,8 @@ class Scorer:
             start_layer = 0
         if within is not None and (grad or any(layer_root(n) == layer_root(within) for n in self.tail_names)):
             within = None        # the last layer's tail-only hooks gather columns of the modules it would replay
-        if cache is not None and cache.epoch != self.epoch:
-            cache.clear()
-            cache.epoch = self.epoch
+        if cache is not None:
+            cache.sync(self.epoch)
         keys = list(range(len(self.batches))) + ([PREFIX] if self.prefix_ids else [])
         if cache is not None and start_layer > 0 and (
                 any((k, start_layer) not in cache.store for k in keys)
@@ -242,9 +241,7 @@ class Scorer:
         layers = {l for l in layers if l > 0}
         if not layers:
             return
-        if cache.epoch != self.epoch:
-            cache.clear()
-            cache.epoch = self.epoch
+        cache.sync(self.epoch)
         top = max(layers)
         kv = None
         with torch.no_grad():

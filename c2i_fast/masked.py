@@ -23,14 +23,13 @@ tail-only last layer (the head reads one column, but every column's keys/values 
 """
 from __future__ import annotations
 
-import sys
 
 import torch
 from torch import nn
 
 from .batching import Batch, cut_batches, pad, prompt_rows
 from .errors import C2IError
-from .evaluate import StopForward, stop_after
+from .evaluate import Scorer, StopForward, stop_after
 from .replay import PrefixCache, capture_layers, detach, replay_layers, replay_within
 from .tasks import Example, majority_baseline
 
@@ -161,9 +160,8 @@ class MaskedScorer:
             start_layer = 0
         if grad:
             within = None
-        if cache is not None and cache.epoch != self.epoch:
-            cache.clear()
-            cache.epoch = self.epoch
+        if cache is not None:
+            cache.sync(self.epoch)
         if cache is not None and start_layer > 0 and any((bi, start_layer) not in cache.store
                                                          for bi in range(len(self.batches))):
             capture = set(capture) | {start_layer}
@@ -184,9 +182,7 @@ class MaskedScorer:
         layers = {l for l in layers if l > 0}
         if not layers:
             return
-        if cache.epoch != self.epoch:
-            cache.clear()
-            cache.epoch = self.epoch
+        cache.sync(self.epoch)
         with torch.no_grad():
             for bi, b in enumerate(self.batches):
                 with capture_layers(self.model, cache, bi, layers), stop_after(self.model, max(layers)):
@@ -217,16 +213,8 @@ class MaskedScorer:
                 record.append((b, detach(stats)))
             yield self.loss([(b, stats)], kind) * (len(b.rows) / len(self.examples))
 
-    def halve_batches(self, error: BaseException) -> None:
-        """After an out-of-memory error: half the tokens per batch, rebuilt batches, caches invalidated."""
-        if all(len(b.rows) <= 1 for b in self.batches):
-            raise C2IError(f"out of memory with a single example per batch: {error}") from error
-        self.batch_tokens = max(1, self.batch_tokens // 2)
-        self.batches = self._build_batches()
-        self.epoch += 1
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        print(f"c2i: out of memory; retrying with --batch-tokens {self.batch_tokens}", file=sys.stderr)
+    # after an out-of-memory error: half the tokens per batch, batches rebuilt, caches invalidated (same steps)
+    halve_batches = Scorer.halve_batches
 
     def evaluate(self, cache: PrefixCache | None = None, start_layer: int = 0, capture: set[int] = frozenset(),
                  generate: bool = True, within: str | None = None, stop=None) -> dict:

@@ -40,6 +40,12 @@ class PrefixCache:
         self.store.clear()
         self.within_bytes = 0
 
+    def sync(self, epoch: int) -> None:
+        """Forget entries captured for another batch layout (a scorer's ``epoch`` moves after an OOM halving)."""
+        if self.epoch != epoch:
+            self.clear()
+            self.epoch = epoch
+
 
 class _Replay(nn.Module):
     """Stands in for a decoder layer below ℓ (returns the cached output of layer ℓ−1 for this batch), or for a
