@@ -158,6 +158,8 @@ def load_adapted(base_model: nn.Module, directory: str | os.PathLike) -> nn.Modu
         if fp != plan.fingerprint:
             raise C2IError(f"base model fingerprint {fp} differs from {plan.fingerprint} recorded in {plan_path}: "
                            "the adaptation was saved against a different base model")
+    if not plan.edits:        # the run kept the base model (nothing beat it, or its gain was not confirmed)
+        return restore_(base_model) if factored_modules(base_model) else base_model
     if not tensor_path.is_file():
         raise C2IError(f"adapted tensors file {tensor_path} is missing")
     expected = (plan.meta.get("artifact") or {}).get("sha256")

@@ -366,3 +366,13 @@ def test_real_model_export_dense(real, tmp_path):
     assert torch.allclose(got, adapted, rtol=0, atol=1e-5 * float(adapted.abs().max()) + 1e-5)
     acc = accounting(dense)
     assert acc["total"]["matrices"] == 0
+
+
+def test_an_adapted_directory_that_kept_the_base_loads_as_the_base(smollm2, tmp_path):
+    """A run whose rule kept the base model writes plan.json with no edits and no tensors file."""
+    from c2i_fast.artifacts import fingerprint, load_adapted
+    plan = Plan([], base_model="smollm2", fingerprint=fingerprint(smollm2.model))
+    plan.save(tmp_path / "plan.json")
+    before = fingerprint(smollm2.model)
+    assert load_adapted(smollm2.model, tmp_path) is smollm2.model
+    assert fingerprint(smollm2.model) == before and not factored_modules(smollm2.model)

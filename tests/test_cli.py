@@ -7,6 +7,7 @@ import torch
 
 from c2i_fast.cli import main
 from c2i_fast.evaluate import Scorer
+from c2i_fast.report_data import SCHEMA
 from c2i_fast.tasks import Example
 
 SMALL = ["--model", "smollm2", "--samples", "24", "--test-size", "24", "--top-k", "2",
@@ -60,7 +61,7 @@ def test_adapt_writes_plan_and_report_and_never_loses_to_base_on_selection(fever
     assert 0 < pair["p_two_sided"] <= 1 and pair["ci95"][0] <= pair["difference"] <= pair["ci95"][1]
     assert rep["forward_passes"]["search_layer_passes"] > 0
     assert len(rep["scan"]["matrices"]) == 210
-    assert rep["schema"] == 1 and list(rep)[:5] == ["schema", "config", "versions", "task", "plan"]
+    assert rep["schema"] == SCHEMA and list(rep)[:5] == ["schema", "config", "versions", "task", "plan"]
     if plan["edits"]:
         assert (fever_run / "adapted.safetensors").is_file()
         assert rep["accounting"]["total"]
@@ -89,7 +90,7 @@ def test_laser_in_the_same_harness(tmp_path):
     assert {c["matrix"] for c in rep["search"]["candidates"]} == {
         f"model.layers.{l}.mlp.{t}_proj" for l in (28, 29) for t in ("gate", "down")}
     assert rep["selection"]["adapted"]["accuracy"] >= rep["selection"]["base"]["accuracy"]
-    assert rep["schema"] == 1 and "scan" not in rep
+    assert rep["schema"] == SCHEMA and "scan" not in rep
     # the sweep's order: matrix by matrix, every ρ of each, one journal line per candidate in that order
     lines = (out / "journal.jsonl").read_text().splitlines()
     journal = [json.loads(line)["key"].split("|")[:2] for line in lines]
@@ -200,7 +201,8 @@ def test_greedy_composition_adds_only_improving_edits(tmp_path):
     out = tmp_path / "compose"
     assert main(["adapt", "--model", "smollm2", "--task", "fever", "--samples", "16", "--test-size", "8",
                  "--top-k", "3", "--types", "mlp_out", "--rank-fractions", "0.05", "--clusters", "1",
-                 "--max-evals", "3", "--compose", "2", "--out", str(out), "--quiet", "--no-report"]) == 0
+                 "--max-evals", "3", "--compose", "2", "--rule", "paper", "--out", str(out), "--quiet",
+                 "--no-report"]) == 0
     rep = json.loads((out / "report.json").read_text())
     plan, cands = rep["plan"], rep["search"]["candidates"]
     assert len(plan) <= 3 and len({e["matrix"] for e in plan}) == len(plan)
