@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from c2i_fast.errors import C2IError
-from c2i_fast.report import FIGURES, fmt_count, fmt_pct, render_report, summary_table
+from c2i_fast.report import FIGURES, SCHEMA, fmt_count, fmt_pct, render_report, summary_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
