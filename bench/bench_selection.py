@@ -46,7 +46,9 @@ def _held_out(test: dict) -> dict:
             "log_loss_base": test["base"]["log_loss"], "log_loss": test["adapted"]["log_loss"]}
 
 
-def run_unit(args, task: str, draw: int) -> dict:
+def run_unit(args, task: str, draw: int, lm=None) -> dict:
+    """One (task, draw). ``lm``: the model, loaded once for every unit (the SVDs of its weights are then
+    computed once too, under :func:`c2i_fast.svd.remembered_svds`); None loads it here."""
     from c2i_fast.pipeline import AdaptConfig, LaserConfig, adapt, laser
     work = Path(tempfile.mkdtemp(prefix="c2i-selection-"))
     try:
@@ -55,7 +57,7 @@ def run_unit(args, task: str, draw: int) -> dict:
             model=args.model, task=task, out=str(work / "adapt"), samples=args.samples, test_size=args.test_size,
             top_k=args.top_k, max_evals=args.max_evals, draws=args.draws, only_draw=draw, seed=args.seed,
             rule="confirm", compare_rules=True, confirm_size=args.confirm_size, threads=args.threads,
-            progress=not args.quiet))
+            progress=not args.quiet), lm=lm)
         unit = {
             "task": task, "draw": draw, "seconds": round(time.perf_counter() - t0, 1),
             "sizes": {k: rep["task"].get(k) for k in ("n_select", "n_confirm", "n_test")},
@@ -92,9 +94,13 @@ def summarize(out: Path) -> dict:
         u = json.loads(f.read_text())
         t = tasks.setdefault(u["task"], {})
         for name, r in u["rules"].items():
-            s = t.setdefault(name, {"draws": [], "delta": [], "shipped": 0, "worse": 0, "p": [], "changed": []})
+            s = t.setdefault(name, {"draws": [], "delta": [], "shipped": 0, "worse": 0, "p": [], "changed": [],
+                                    "fixed": [], "broken": [], "base_accuracy": []})
             h = r["held_out"]
             s["draws"].append(u["draw"])
+            s["fixed"].append(h["fixed"])
+            s["broken"].append(h["broken"])
+            s["base_accuracy"].append(h["base_accuracy"])
             s["delta"].append(h["difference"])
             s["p"].append(h["p_two_sided"])
             s["changed"].append(h["changed"])
@@ -109,17 +115,32 @@ def summarize(out: Path) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    rows = ["| task | rule | draws | shipped | held-out Δ per draw (pts) | mean Δ | sig. worse | answers changed |",
-            "|---|---|---|---|---|---|---|---|"]
+    """The docs' table: per task and rule, each finished draw's held-out Δ, fixed / broken and McNemar p."""
+    model = (summary.get("meta") or {}).get("model", "?")
+    n_draws = ((summary.get("meta") or {}).get("settings") or {}).get("draws", "?")
+    rows = ["| model | task | rule | draws done | shipped | held-out Δ per draw (pts) | mean Δ | fixed / broken | "
+            "McNemar p | answers changed | sig. worse |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def pts(x):
+        return "–" if x is None else ("0" if x == 0 else f"{100 * x:+.1f}")
     for task, rules in summary["tasks"].items():
         for name in [r for r in ("paper", "confirm", "laser") if r in rules]:
             s = rules[name]
-            per = ", ".join(f"{100 * x:+.1f}" if x is not None else "–" for x in s["delta"])
+            if s["mean_delta"] is None:
+                continue
             ch = [c for c in s["changed"] if c is not None]
-            rows.append(f"| {task} | {name} | {len(s['draws'])} | {s['shipped']} | {per} | "
-                        f"{100 * s['mean_delta']:+.2f} | {s['worse']} | "
-                        f"{(100 * sum(ch) / len(ch)):.1f}% |" if s["mean_delta"] is not None else "")
-    return "\n".join(r for r in rows if r)
+            base = sorted({round(100 * b, 1) for b in s.get("base_accuracy", []) if b is not None})
+            rows.append(
+                f"| {model} | {task} | {'**confirm**' if name == 'confirm' else name} | {len(s['draws'])} of {n_draws} "
+                f"| {s['shipped']} | {', '.join(pts(x) for x in s['delta'])} | {100 * s['mean_delta']:+.2f} "
+                f"| {', '.join(f'{f} / {b}' for f, b in zip(s.get('fixed', []), s.get('broken', [])))} "
+                f"| {', '.join('–' if p is None else f'{p:.2g}' for p in s['p'])} "
+                f"| {(100 * sum(ch) / len(ch)):.1f}% | {s['worse']} |" if ch else
+                f"| {model} | {task} | {name} | {len(s['draws'])} of {n_draws} | {s['shipped']} "
+                f"| {', '.join(pts(x) for x in s['delta'])} | {100 * s['mean_delta']:+.2f} | | | – | {s['worse']} |")
+            if base and name == "paper":
+                rows[-1] = rows[-1].replace(f"| {task} |", f"| {task} (base {', '.join(f'{b:.1f}%' for b in base)}) |", 1)
+    return "\n".join(rows)
 
 
 def main(argv=None) -> int:
@@ -161,15 +182,20 @@ def main(argv=None) -> int:
             meta["runs"] = [{k: meta[k] for k in ("commit", "command", "device", "threads")}]
         meta["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
-        for draw in range(args.draws):              # draw-major: every task gets its first draws early
-            for task in args.tasks.split(","):
-                path = out / task / f"draw{draw}.json"
-                if path.is_file():
-                    continue
-                print(f"[bench_selection] {args.model} {task} draw {draw}", file=sys.stderr, flush=True)
-                unit = run_unit(args, task, draw)
-                unit.update(commit=git_commit(), finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-                atomic_write_text(path, json.dumps(unit, indent=2, default=str) + "\n")
+        from c2i_fast.models import load_model
+        from c2i_fast.svd import remembered_svds
+        lm = None
+        with remembered_svds():
+            for draw in range(args.draws):              # draw-major: every task gets its first draws early
+                for task in args.tasks.split(","):
+                    path = out / task / f"draw{draw}.json"
+                    if path.is_file():
+                        continue
+                    print(f"[bench_selection] {args.model} {task} draw {draw}", file=sys.stderr, flush=True)
+                    lm = lm or load_model(args.model)
+                    unit = run_unit(args, task, draw, lm)
+                    unit.update(commit=git_commit(), finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+                    atomic_write_text(path, json.dumps(unit, indent=2, default=str) + "\n")
     summary = summarize(out)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(markdown(summary))

@@ -128,6 +128,15 @@ class Bench:
         self.args, self.out, self.command = args, Path(args.out), command
         self.skips = parse_skips(args.skip_cell, args.model)
         self.failed: list[str] = []
+        self._lm = None
+
+    @property
+    def lm(self):
+        """The model, loaded on first use and shared by every cell (each run leaves it as it found it)."""
+        if self._lm is None:
+            from c2i_fast.models import load_model
+            self._lm = load_model(self.args.model)
+        return self._lm
 
     # -- provenance ------------------------------------------------------------------------------------------
     def provenance(self, versions: dict | None = None) -> dict:
@@ -211,7 +220,7 @@ class Bench:
             if method == "laser":
                 layers = parse_layers(a.laser_layers)
                 rep = laser(LaserConfig(out=str(work / "run"), val_size=sizes["n_select"], layers=layers, draw=0,
-                                        draws=1, **common))
+                                        draws=1, **common), lm=self.lm)
                 shipped, reason = bool(rep["plan"]), (
                     f"LASER grid: layers {a.laser_layers or 'all'} × {{mlp_in, mlp_out}} × "
                     f"{len(rep['config']['rank_fractions'])} ρ, best on the {rep['task']['n_val']} selection rows")
@@ -221,7 +230,7 @@ class Bench:
                             clusters=tuple(a.clusters), methods=tuple(a.methods), confirm_size=a.confirm_size)
                 rule = dict(rule="paper", max_evals=0) if method == "c2i" else dict(rule="confirm",
                                                                                      max_evals=a.max_evals)
-                rep = adapt(AdaptConfig(out=str(work / "run"), draws=1, **grid, **rule, **common))
+                rep = adapt(AdaptConfig(out=str(work / "run"), draws=1, **grid, **rule, **common), lm=self.lm)
                 shipped, reason = rep["decision"]["shipped"], rep["decision"]["reason"]
                 extra = {"rule": rule["rule"], "max_evals": rule["max_evals"]}
                 if method == "c2i_fast":
@@ -264,7 +273,7 @@ class Bench:
             from c2i_fast.pipeline import EvalConfig, evaluate_model
             rep = evaluate_model(EvalConfig(model=a.model, task=task, samples=sizes["n_select"],
                                             test_size=sizes["n_test"], seed=a.seed, data_dir=a.data_dir,
-                                            threads=a.threads, progress=not a.quiet))
+                                            threads=a.threads, progress=not a.quiet), lm=self.lm)
         except Exception:
             traceback.print_exc()
             self.failed.append(f"{task}/base")
@@ -366,8 +375,10 @@ def main(argv=None) -> int:
     if not write_meta(args, out, command, tasks):
         return 2
     bench = Bench(args, command)
-    for task in tasks:
-        bench.run_task(task)
+    from c2i_fast.svd import remembered_svds
+    with remembered_svds():       # c2i_fast, c2i and LASER factor the same weights: one SVD each per run
+        for task in tasks:
+            bench.run_task(task)
     print(render(out))
     if bench.failed:
         print(f"bench_tasks: failed (no cell written, a rerun retries): {', '.join(bench.failed)}", file=sys.stderr)

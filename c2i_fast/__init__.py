@@ -9,6 +9,8 @@ One-call API::
 
     report = c2i_fast.adapt(c2i_fast.AdaptConfig(model="smollm2", task="fever", out="out"))
     res = c2i_fast.adapt(model, tokenizer, "fever")             # a loaded model: AdaptResult, nothing written
+    with c2i_fast.remembered_svds():                            # several adapts of one model: one SVD each
+        ...
 
 The names below are loaded on first use (``__getattr__``), so ``import c2i_fast`` stays cheap (no torch or
 transformers import); the ``TYPE_CHECKING`` imports let type checkers and IDEs see them.
@@ -31,6 +33,7 @@ _LAZY = {
     "load_task": "tasks",
     "adapt": "notebook", "AdaptResult": "notebook", "laser": "pipeline", "evaluate_model": "pipeline",
     "AdaptConfig": "config", "LaserConfig": "config", "EvalConfig": "config",
+    "remembered_svds": "svd",
 }
 
 __all__ = ["C2IError", "__version__", *_LAZY]
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from .config import AdaptConfig, EvalConfig, LaserConfig
     from .notebook import AdaptResult, adapt
     from .pipeline import evaluate_model, laser
+    from .svd import remembered_svds
     from .tasks import load_task
     from .transform import Edit, Plan, factorize_, restore_
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .cache import MetricsCache, base_metrics
 from .evaluate import Scorer, better
 from .replay import PrefixCache
 from .search import Candidate, evaluate_candidate, factor_signature
@@ -93,10 +94,12 @@ def contenders(ranked: list[Candidate], base: dict, top: int) -> list[Candidate]
 
 def decide(rule: str, ranked: list[Candidate], base_sel: dict, paper_plan: list[Candidate],
            confirm_scorer: Scorer | None, *, top: int = 3, alpha: float = 0.05, significance: dict | None = None,
-           use_cache: bool = True) -> Decision:
+           use_cache: bool = True, mc: MetricsCache | None = None) -> Decision:
     """Apply ``rule`` to the search's outcome. ``paper_plan`` is the search's own plan (best on selection,
     greedy compositions included, after any --gate-p); ``significance`` the selection max-T test (fallback).
-    ``confirm_scorer`` scores the confirmation rows (None or fewer than MIN_CONFIRM_ROWS: fallback)."""
+    ``confirm_scorer`` scores the confirmation rows (None or fewer than MIN_CONFIRM_ROWS: fallback). The base
+    model's confirmation metrics come from ``mc`` when it holds them (a second run, a resume, the other rule
+    under --compare-rules): only the layers below the candidates are then run, to fill the prefix cache."""
     if rule == "paper":
         return Decision("paper", paper_plan, bool(paper_plan),
                         "best on selection beats the base" if paper_plan else "nothing beat the base on selection",
@@ -113,7 +116,7 @@ def decide(rule: str, ranked: list[Candidate], base_sel: dict, paper_plan: list[
         return Decision(rule, picks[:1] if ok else [], ok, why, alpha, n_confirm=n, fallback=True,
                         p_adjusted=p)
     cache = PrefixCache() if use_cache else None
-    base = confirm_scorer.evaluate(cache, capture={c.layer for c in picks} if cache is not None else set())
+    base, _ = base_metrics(confirm_scorer, mc, cache, {c.layer for c in picks} if cache is not None else set())
     results = [evaluate_candidate(confirm_scorer, c, cache, within=False) for c in picks]
     confirmed = []
     for c, res in zip(picks, results):

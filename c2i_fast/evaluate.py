@@ -328,9 +328,9 @@ class Scorer:
         """Accuracy (primary scoring + both variants), log-loss, choice-loss, majority baseline.
         Out of memory on a batch halves the batches and retries.
 
-        ``stop(correct, remaining) -> bool`` (early stopping, :func:`c2i_fast.search.search`'s pruning) is asked
-        after every batch, with the examples answered correctly so far among those whose rows are all scored and
-        the examples still to come; True ends the pass and returns :meth:`pruned_result` instead of the metrics.
+        ``stop(correct, remaining, outcomes) -> bool`` (early stopping, :func:`c2i_fast.search.search`'s pruning)
+        is asked after every batch, with the examples answered correctly so far among those whose rows are all
+        scored, the examples still to come, and ``outcomes`` (example index → correct) of the scored ones; True ends the pass and returns :meth:`pruned_result` instead of the metrics.
         A pass that is not stopped returns exactly what it would without ``stop`` (the same batches, in the same
         order, into the same :meth:`metrics`). Ignored for generation tasks (accuracy comes from generate())."""
         while True:
@@ -342,19 +342,18 @@ class Scorer:
     def _evaluate(self, cache, start_layer, capture, generate, within=None, stop=None) -> dict:
         if stop is None or not self.can_stop_early():
             return self.metrics(self.run(cache, start_layer, capture, within=within), generate)
-        pairs, seen, rows_left = [], set(), self.rows_per_example()
-        correct = 0
+        pairs, outcomes, rows_left = [], {}, self.rows_per_example()
         for b, stats in self.run(cache, start_layer, capture, within=within):
             pairs.append((b, stats))
             for r in b.rows:
                 rows_left[r.example] -= 1
-            done = [e for e, left in enumerate(rows_left) if left == 0 and e not in seen]
+            done = [e for e, left in enumerate(rows_left) if left == 0 and e not in outcomes]
             if done:
                 per = self._per_example(pairs)
-                correct += sum(self.example_correct(per[e], self.examples[e]) for e in done)
-                seen.update(done)
-            if len(seen) < len(self.examples) and stop(correct, len(self.examples) - len(seen)):
-                return self.pruned_result(len(seen), correct, len(pairs))
+                outcomes.update((e, self.example_correct(per[e], self.examples[e])) for e in done)
+            correct = sum(outcomes.values())
+            if len(outcomes) < len(self.examples) and stop(correct, len(self.examples) - len(outcomes), outcomes):
+                return self.pruned_result(len(outcomes), correct, len(pairs))
         return self.metrics(pairs, generate)
 
     # -- early stopping ---------------------------------------------------------------------------------

@@ -219,18 +219,19 @@ class MaskedScorer:
     def evaluate(self, cache: PrefixCache | None = None, start_layer: int = 0, capture: set[int] = frozenset(),
                  generate: bool = True, within: str | None = None, stop=None) -> dict:
         """The :meth:`c2i_fast.evaluate.Scorer.evaluate` dict of a classification task. ``stop(correct,
-        remaining)``, asked after every batch, may end the pass (:meth:`pruned_result`); ``generate`` is
+        remaining, outcomes)``, asked after every batch, may end the pass (:meth:`pruned_result`); ``generate`` is
         accepted and unused. Out of memory halves the batches and retries."""
         while True:
             try:
-                pairs, correct, done = [], 0, 0
+                pairs, outcomes = [], {}
                 for b, stats in self.run(cache, start_layer, capture, within=within):
                     pairs.append((b, stats))
                     if stop is not None:
-                        correct += sum(self._predictions([(b, stats)])[i] == self.examples[r.example].label
-                                       for i, r in enumerate(b.rows))
-                        done += len(b.rows)
-                        if done < len(self.examples) and stop(correct, len(self.examples) - done):
+                        preds = self._predictions([(b, stats)])
+                        outcomes.update((r.example, preds[i] == self.examples[r.example].label)
+                                        for i, r in enumerate(b.rows))
+                        done, correct = len(outcomes), sum(outcomes.values())
+                        if done < len(self.examples) and stop(correct, len(self.examples) - done, outcomes):
                             return self.pruned_result(done, correct, len(pairs))
                 return self.metrics(pairs)
             except torch.OutOfMemoryError as e:

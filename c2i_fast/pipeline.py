@@ -24,7 +24,6 @@ import torch
 from . import distributed
 from .artifacts import accounting, save_adapted
 from .cache import MetricsCache, base_metrics
-from .decompose import full_svd
 from .errors import C2IError
 from .evaluate import PrefixCache, Scorer
 from .masked import MaskedScorer
@@ -34,6 +33,7 @@ from .confirm import MIN_CONFIRM_ROWS, RULES, changed_fraction, decide
 from .config import AdaptConfig, EvalConfig, LaserConfig, RunConfig  # noqa: F401  (part of this API)
 from .report_data import SCHEMA     # the report.json layout build_report writes (report.py reads it)
 from .scan import SCAN_SVDS, scan
+from .svd import remembered_svds, weight_svd
 from .search import PRUNE_MODES, Candidate, build_candidates, candidate_factors, prune_mode, rank, search
 from .stats import paired_difference, selection_gain_test
 from .tasks import check_tokenization, load_task, split, split_with_test
@@ -344,9 +344,10 @@ def adapt(cfg: AdaptConfig, *, lm=None, task=None, test=None) -> dict:
     draws = []
     mc = MetricsCache(lm.model, cfg.metrics_cache)
     todo = range(cfg.draws) if cfg.only_draw is None else [cfg.only_draw]
-    for draw in todo:
-        rep = _adapt_one(cfg, lm, task, draw, out, timings if draw == todo[0] else {}, mc, test)
-        draws.append(rep)
+    with remembered_svds():                           # one SVD per matrix for all the draws
+        for draw in todo:
+            rep = _adapt_one(cfg, lm, task, draw, out, timings if draw == todo[0] else {}, mc, test)
+            draws.append(rep)
     report = draws[0]
     if len(draws) > 1:
         accs = [d["test"]["adapted"]["accuracy"] for d in draws]
@@ -432,13 +433,14 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict,
     n_same = sum(c.same_as is not None for c in res.evaluated)
     _log(cfg, f"[c2i] evaluated {len(res.evaluated)} of {len(cands)} candidates"
               + (f" ({n_same} with the factors of an earlier one: its result, no pass)" if n_same else "")
-              + (f"; {res.pruned} stopped early, unable to reach the best {keep} ({res.row_passes_saved} row·layer "
-                 f"passes saved)" if res.pruned else "") + "; plan: "
+              + (f"; {res.pruned} stopped early, " + ("unable to reach" if prune == "exact" else "beaten by the base "
+                 f"or by") + f" the best {keep} ({res.row_passes_saved} row·layer passes saved)" if res.pruned else "")
+              + "; plan: "
               + (", ".join(f"{c.edit.matrix} ρ={c.edit.rank_fraction} k={c.edit.n_clusters} {c.edit.method}"
                            for c in res.best) or "none beat the base model"), "plan",
          edits=[c.edit.to_dict() for c in res.best], n_evaluated=len(res.evaluated), seconds=res.seconds)
 
-    decisions = _decide(cfg, lm, task, splits["confirm"], res, base_sel, sig, timings)
+    decisions = _decide(cfg, lm, task, splits["confirm"], res, base_sel, sig, timings, mc)
     shipped = decisions[cfg.rule]
     final = res.final if cfg.rule == "paper" else (shipped.plan[0].result if shipped.plan else base_sel)
     plan = Plan([c.edit for c in shipped.plan], base_model=lm.model_id,
@@ -469,7 +471,7 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict,
 
 
 def _decide(cfg: AdaptConfig, lm, task, confirm_rows, res, base_sel: dict, sig: dict | None,
-            timings: dict) -> dict:
+            timings: dict, mc: MetricsCache | None = None) -> dict:
     """The shipping rule's Decision (c2i_fast.confirm.decide), and every rule's with --compare-rules."""
     t0 = time.perf_counter()
     conf = _scorer(lm, task, confirm_rows, cfg) if confirm_rows else None
@@ -477,7 +479,7 @@ def _decide(cfg: AdaptConfig, lm, task, confirm_rows, res, base_sel: dict, sig: 
     out = {}
     for rule in (RULES if cfg.compare_rules else (cfg.rule,)):
         out[rule] = decide(rule, ranked, base_sel, res.best, conf, top=cfg.confirm_top, alpha=cfg.alpha,
-                           significance=sig, use_cache=task.kind != "generation")
+                           significance=sig, use_cache=task.kind != "generation", mc=mc)
         _log(cfg, f"[c2i] rule {rule}{'' if rule == cfg.rule else ' (compared, not shipped)'}: {out[rule].reason}",
              "decision", **out[rule].summary())
     timings["confirm"] = time.perf_counter() - t0
@@ -497,9 +499,10 @@ def _changed(d, base_sel: dict, res) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # LASER in the same harness
 # ---------------------------------------------------------------------------------------------------------
-def laser(cfg: LaserConfig) -> dict:
+def laser(cfg: LaserConfig, *, lm=None) -> dict:
     """LASER's exhaustive search: every (type ∈ {mlp_in, mlp_out}) × layer × ρ, plain truncated SVD, selected
-    by accuracy (ties by log-loss) on a validation split disjoint from the test split.
+    by accuracy (ties by log-loss) on a validation split disjoint from the test split. ``lm``: a model already
+    loaded (left as it was found), else ``cfg.model`` is loaded.
 
     Default mode reuses the prefix cache and factored forwards (same numbers, fewer layer passes). With
     ``faithful`` each candidate is a dense rebuild of the weight and a full forward, as in LASER's code.
@@ -509,7 +512,7 @@ def laser(cfg: LaserConfig) -> dict:
     if out.exists() and not cfg.resume and any(out.iterdir()):
         raise C2IError(f"--out {out} exists and is not empty")
     t_start = time.perf_counter()
-    lm, task, t_load = _prepare(cfg)
+    lm, task, t_load = _prepare(cfg, lm=lm)
     timings = {"load": t_load}
     out.mkdir(parents=True, exist_ok=True)
     model = lm.model
@@ -531,7 +534,7 @@ def laser(cfg: LaserConfig) -> dict:
     # One SVD per matrix serves every ρ; each candidate holds it until the report is written, as the plan's may.
     cands = []
     for r in refs:
-        svd = full_svd(r.weight(), name=r.name)
+        svd = weight_svd(r.param, transposed=r.transposed, name=r.name)
         cands += [Candidate(Edit(r.name, rho), r.layer, float("nan"), svd) for rho in cfg.rank_fractions]
     t_svd = time.perf_counter() - t1
     journal = out / JOURNAL
@@ -563,10 +566,11 @@ def laser(cfg: LaserConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # c2i eval
 # ---------------------------------------------------------------------------------------------------------
-def evaluate_model(cfg: EvalConfig) -> dict:
-    """Metrics of the base model (and of an adapted directory, if given) on the held-out split."""
+def evaluate_model(cfg: EvalConfig, *, lm=None) -> dict:
+    """Metrics of the base model (and of an adapted directory, if given) on the held-out split (``lm``: a model
+    already loaded, else ``cfg.model`` is loaded)."""
     _check_common((), cfg.samples, cfg.test_size)
-    lm, task, t_load = _prepare(cfg)
+    lm, task, t_load = _prepare(cfg, lm=lm)
     splits = split(task, cfg.samples, cfg.test_size, cfg.seed)
     sc = _scorer(lm, task, splits["test"], cfg)
     base, _ = base_metrics(sc, MetricsCache(lm.model, cfg.metrics_cache))

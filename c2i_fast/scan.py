@@ -33,7 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .decompose import SVD, count_nonfinite, full_svd, rank_for, truncation_delta
+from .decompose import SVD, count_nonfinite, rank_for, truncation_delta
+from .svd import weight_svd
 from .errors import C2IError
 from .evaluate import Scorer
 from .models import MatrixRef, decoder_layers
@@ -248,7 +249,7 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
                 continue
         else:
             try:   # full_svd already falls back to other drivers and float64; NaN/Inf weights cannot be helped
-                svd_r = full_svd(r.weight(), name=r.name)
+                svd_r = weight_svd(r.param, transposed=r.transposed, name=r.name)
             except C2IError as e:
                 skipped[r.name] = str(e)
         if r.name in skipped:
@@ -266,7 +267,8 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
     by_name = {r.name: r for r in refs}
     redone = _rescore(scans, by_name, grads, rank_fractions, score, top_k, svds)
     for ms in scans[:top_k]:
-        ms.svd = svds.get(ms.name) or full_svd(by_name[ms.name].weight(), name=ms.name)
+        r = by_name[ms.name]
+        ms.svd = svds.get(ms.name) or weight_svd(r.param, transposed=r.transposed, name=ms.name)
         ms.grad = grads[ms.name]
     if keep_all:                     # the search replays the top-K layers only: free the others
         layers = {ms.layer for ms in scans[:top_k]}
@@ -329,7 +331,7 @@ def _rescore(scans: list[MatrixScan], by_name: dict, grads: dict, rank_fractions
             return done
         for i in todo:
             r = by_name[scans[i].name]
-            svd = full_svd(r.weight(), name=r.name)
+            svd = weight_svd(r.param, transposed=r.transposed, name=r.name)
             scans[i] = _exact_scan(r, svd, grads[r.name], rank_fractions, score)
             svds[r.name] = svd
             done += 1

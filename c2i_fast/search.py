@@ -20,6 +20,7 @@ from .decompose import ClusteredSVD, cluster_labels, fit, rank_for, truncation_d
 from .errors import C2IError
 from .evaluate import Scorer, better
 from .replay import PrefixCache
+from .stats import mcnemar_one_sided
 from .models import MatrixRef
 from .scan import MatrixScan
 from .transform import Edit, factorize_, restore_
@@ -193,7 +194,9 @@ class SearchResult:
     row_passes_saved: int = 0                # row·layer passes the pruned candidates did not run
 
 
-PRUNE_MODES = ("exact", "off")
+PRUNE_MODES = ("exact", "race", "off")
+RACE_DELTA = 0.01            # --prune race: one-sided McNemar p below which a candidate counts as beaten (per look)
+RACE_MIN_EXAMPLES = 20       # … and not before this many selection examples are scored
 
 
 def correct_count(result: dict) -> int:
@@ -232,11 +235,54 @@ class Pruner:
         return sorted(self.counts, reverse=True)[self.keep - 1]
 
     def stop(self):
-        """The ``stop(correct, remaining)`` test for the next candidate's pass, or None (nothing to beat yet)."""
+        """The ``stop(correct, remaining, outcomes)`` test for the next candidate's pass, or None (nothing to beat
+        yet)."""
         bar = self.bar()
         if bar is None:
             return None
-        return lambda correct, remaining: correct + remaining < bar
+        return lambda correct, remaining, outcomes=None: correct + remaining < bar
+
+
+class Racer(Pruner):
+    """``prune="race"`` (racing, an option: not exact). The :class:`Pruner`'s exact bar, and also: once at least
+    ``min_examples`` selection examples are scored, a candidate that is worse on them, paired, than the base
+    model or than the ``keep``-th best fully scored candidate, with exact one-sided McNemar p < ``delta``, stops.
+    Either way it could not ship: a contender must beat the base (:func:`c2i_fast.confirm.contenders`) and be
+    among the best ``keep``. A stopped candidate might still have caught up (the test looks once per batch, at
+    ``delta`` each time), so the plan can differ from ``prune="exact"``'s; the search reports how many it
+    stopped and the selection bench compares the plans."""
+
+    def __init__(self, keep: int, base: dict, delta: float = RACE_DELTA, min_examples: int = RACE_MIN_EXAMPLES):
+        super().__init__(keep)
+        self.base = list(base["correct"])
+        self.delta, self.min_examples = delta, min_examples
+        self.vectors: list[list[bool]] = []      # beside Pruner.counts: each one's correctness per example
+
+    def add(self, c: Candidate) -> None:
+        if c.result is not None and not c.pruned and "correct" not in c.result:
+            return                           # a journal line from before per-example flags: nothing to race with
+        n = len(self.counts)
+        super().add(c)
+        if len(self.counts) > n:
+            self.vectors.append(list(c.result["correct"]))
+
+    def beaten(self, outcomes: dict[int, bool], ref: list[bool]) -> bool:
+        """Is the candidate (``outcomes``: example → correct, so far) worse than ``ref`` at ``delta``, paired?"""
+        fixed = sum(ok and not ref[e] for e, ok in outcomes.items())
+        broken = sum(ref[e] and not ok for e, ok in outcomes.items())
+        return broken > fixed and mcnemar_one_sided(broken, fixed) < self.delta
+
+    def stop(self):
+        bar = self.bar()
+        refs = [self.base]
+        if bar is not None:          # the keep-th best: its count is the bar (the first such in count order)
+            refs.append(self.vectors[sorted(range(len(self.counts)), key=lambda i: -self.counts[i])[self.keep - 1]])
+
+        def test(correct, remaining, outcomes):
+            if bar is not None and correct + remaining < bar:
+                return True
+            return len(outcomes) >= self.min_examples and any(self.beaten(outcomes, r) for r in refs)
+        return test
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
@@ -301,6 +347,7 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
 
     ``prune="exact"`` stops a candidate's pass batch by batch once it cannot be among the best ``keep``
     (:class:`Pruner`); the order of evaluation, the plan and the best ``keep`` are those of ``prune="off"``.
+    ``prune="race"`` also stops one that is already beaten with confidence (:class:`Racer`; not exact).
     A pruned candidate's result is marked ``"pruned"`` (journaled like any other, left out of :func:`rank`);
     with ``prune="off"`` a pruned result in ``done`` is scored again. Not with ``dense`` or ``compose`` (the
     greedy composition reads candidates below the best ``keep``).
@@ -311,7 +358,7 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
         raise ValueError(f"prune must be one of {PRUNE_MODES}, got {prune!r}")
     if prune != "off" and (dense or compose):
         raise ValueError("pruning needs the factored search without --compose")
-    pruner = Pruner(keep) if prune == "exact" else None
+    pruner = Pruner(keep) if prune == "exact" else Racer(keep, base) if prune == "race" else None
     t0 = time.perf_counter()
     ordered = interleave(candidates) if order == "interleave" else list(candidates)
     todo = ordered if not max_evals else ordered[:max_evals]

@@ -5,7 +5,9 @@ Layout: a dense weight ``W`` is ``(m, n) = (out_features, in_features)``; ``SVD.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +115,53 @@ def full_svd(w: Tensor, *, name: str | None = None) -> SVD:
             return SVD(u.float().to(dev), s.float().to(dev), vh.mT.float().to(dev))
         errors.append("float64: non-finite result")
     raise C2IError(f"SVD of {label} ({m}x{n}) failed with every driver: " + "; ".join(errors))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SVDs of model weights, remembered across runs in one process
+# ---------------------------------------------------------------------------------------------------------
+_MEMO: dict[tuple[int, bool], tuple[tuple, SVD]] = {}
+_MEMO_DEPTH = 0
+
+
+@contextlib.contextmanager
+def remembered_svds():
+    """Within this block :func:`weight_svd` keeps every weight's SVD, so a second scan of the same model in the
+    same process (``--draws``, the units of a bench, a notebook session, the tests) skips the SVD phase. The
+    memo holds U and V of each scanned matrix (about 1-2x the model's fp32 size; the scan holds as much while
+    it runs) and is emptied when the outermost block exits; an entry also goes when its weight is freed."""
+    global _MEMO_DEPTH
+    _MEMO_DEPTH += 1
+    try:
+        yield
+    finally:
+        _MEMO_DEPTH -= 1
+        if _MEMO_DEPTH == 0:
+            _MEMO.clear()
+
+
+def _stamp(param: Tensor) -> tuple:
+    """What must not have changed for a remembered SVD to be reused: the in-place version counter, and a float64
+    sum and sum of squares (``param.data.copy_`` writes past the version counter)."""
+    w = param.detach().double()
+    return (param._version, float(w.sum()), float((w * w).sum()))
+
+
+def weight_svd(param: Tensor, *, transposed: bool = False, name: str | None = None) -> SVD:
+    """:func:`full_svd` of ``param`` (of ``param.T`` when ``transposed``: a Conv1D weight stored (in, out)); inside
+    :func:`remembered_svds`, the SVD computed before for this very tensor when it has not changed since."""
+    w = param.T if transposed else param
+    if not _MEMO_DEPTH:
+        return full_svd(w, name=name)
+    key, stamp = (id(param), transposed), _stamp(param)
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    svd = full_svd(w, name=name)
+    if hit is None:                        # id() is reused once the tensor dies: drop its entry then
+        weakref.finalize(param, _MEMO.pop, key, None)
+    _MEMO[key] = (stamp, svd)
+    return svd
 
 
 def rank_for(rho: float, rows: int, cols: int) -> int:

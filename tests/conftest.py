@@ -38,6 +38,15 @@ REAL_MODEL_TESTS = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _svds_once():
+    """Every scan of the session's SmolLM2 after the first reuses its SVDs (c2i_fast.svd.remembered_svds: only
+    for the very weight tensors, unchanged), as a bench's draws do: about 20 s less per real-model adapt."""
+    from c2i_fast.svd import remembered_svds
+    with remembered_svds():
+        yield
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """LoadedModel (.model, .tokenizer) of SmolLM2-135M-Instruct, fp32, eval mode. Tests that change it restore it."""

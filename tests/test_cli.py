@@ -12,7 +12,7 @@ from c2i_fast.tasks import Example
 
 SMALL = ["--model", "smollm2", "--samples", "24", "--test-size", "24", "--top-k", "2",
          "--rank-fractions", "0.5,0.05", "--clusters", "1,2", "--methods", "block,kmeans", "--max-evals", "6",
-         "--quiet"]
+         "--confirm-size", "50", "--quiet"]        # the fewest confirmation rows that still confirm
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_draws_report_the_spread_over_disjoint_selection_samples(tmp_path):
     out = tmp_path / "draws"
     assert main(["adapt", "--model", "smollm2", "--task", "fever", "--samples", "8", "--test-size", "16",
                  "--top-k", "1", "--types", "mlp_out", "--rank-fractions", "0.05", "--clusters", "1",
-                 "--max-evals", "1", "--draws", "2", "--out", str(out), "--quiet", "--no-report"]) == 0
+                 "--max-evals", "1", "--draws", "2", "--confirm-size", "50", "--out", str(out), "--quiet", "--no-report"]) == 0
     rep = json.loads((out / "report.json").read_text())
     d = rep["draws"]
     assert d["n"] == 2 and len(d["test_accuracy"]) == 2 and len(d["plans"]) == 2

@@ -25,8 +25,12 @@ class _Scorer:
         self.examples = [None] * len(base)
         self.base, self.by_matrix = base, by_matrix
 
-    def evaluate(self, cache=None, capture=frozenset()):
+    def evaluate(self, cache=None, capture=frozenset(), generate=True):
+        self.passes = getattr(self, "passes", 0) + 1
         return _res(self.base)
+
+    def capture(self, cache, layers):
+        self.captured = set(layers)
 
 
 @pytest.fixture
@@ -107,3 +111,30 @@ def test_changed_fraction_reads_the_answers():
     gen_a, gen_b = {"generations": ["x", "y"]}, {"generations": ["x", "z"]}
     assert C.changed_fraction(gen_a, gen_b) == 0.5
     assert C.changed_fraction({}, {}) is None
+
+
+class _Metrics:
+    """Stands in for a MetricsCache: one stored result, every lookup counted."""
+    def __init__(self, stored=None):
+        self.stored, self.gets, self.puts = stored, 0, 0
+
+    def get(self, scorer, generate=True):
+        self.gets += 1
+        return self.stored
+
+    def put(self, scorer, result, generate=True):
+        self.puts += 1
+        self.stored = result
+
+
+def test_the_base_confirmation_pass_is_read_from_the_metrics_cache(fake_eval):
+    a = _cand("a", [True] * 70 + [False] * 30)
+    base = [True] * 100 + [False] * 100
+    conf = {"a": [True] * 130 + [False] * 70}
+    first, mc = _Scorer(base, conf), _Metrics()
+    d1 = C.decide("confirm", [a], SEL_BASE, [], first, mc=mc)
+    assert first.passes == 1 and mc.puts == 1                        # a miss: the pass runs and is stored
+    second = _Scorer([False] * 200, conf)                             # its own pass would say otherwise
+    d2 = C.decide("confirm", [a], SEL_BASE, [], second, mc=mc)
+    assert getattr(second, "passes", 0) == 0 and second.captured == {3}   # only the prefix cache is filled
+    assert d2.base == d1.base and d2.shipped and d2.p_one_sided == d1.p_one_sided

@@ -163,7 +163,7 @@ def test_factored_candidate_equals_dense_rebuild(lm, scanned):
         assert factored["choice_loss"] == pytest.approx(dense["choice_loss"], abs=1e-6)
         assert factored["log_loss"] != base["log_loss"]
     assert sc.evaluate() == base                                     # every edit undone
-    stopped = sc.evaluate(stop=lambda correct, remaining: True)      # the search's pruning hook
+    stopped = sc.evaluate(stop=lambda correct, remaining, outcomes: True)      # the search's pruning hook
     assert stopped["pruned"] and stopped["batches_scored"] == 1 < stopped["batches"]
 
 

@@ -13,7 +13,7 @@ from c2i_fast.evaluate import Scorer
 from c2i_fast.models import decoder_layers
 from c2i_fast.plan import Edit
 from c2i_fast.replay import PrefixCache
-from c2i_fast.search import Candidate, Pruner, rank, search
+from c2i_fast.search import Candidate, Pruner, Racer, rank, search
 from c2i_fast.tasks import check_tokenization, load_task, split
 
 N_LAYERS = 30
@@ -46,7 +46,8 @@ def _patch(monkeypatch, truth, batches, calls):
         for size in batches:
             seen += size
             correct += sum(res["correct"][seen - size:seen])
-            if stop is not None and seen < res["n"] and stop(correct, res["n"] - seen):
+            outcomes = dict(enumerate(res["correct"][:seen]))
+            if stop is not None and seen < res["n"] and stop(correct, res["n"] - seen, outcomes):
                 return {"pruned": True, "n": res["n"], "rows_scored": seen, "correct_so_far": correct}
         return dict(res)
     monkeypatch.setattr(search_mod, "evaluate_candidate", fake)
@@ -113,11 +114,58 @@ def test_pruner_bar_counts_distinct_factors_and_waits_for_keep():
     p.add(b)
     assert p.bar() == 6
     stop = p.stop()
-    assert stop(1, 4) and not stop(2, 4)        # 5 < 6 stops; 6 (a tie in accuracy) goes on: log-loss decides
+    assert stop(1, 4, {}) and not stop(2, 4, {})        # 5 < 6 stops; 6 (a tie in accuracy) goes on: log-loss decides
     pruned = mk(2, 0)
     pruned.result = {"pruned": True, "n": 10, "rows_scored": 4, "correct_so_far": 0}
     p.add(pruned)
     assert p.bar() == 6 and rank([a, b, pruned]) == [a, b]
+
+
+def test_racing_stops_what_is_beaten_paired_and_nothing_else():
+    n = 60
+    base = {"correct": [True] * 30 + [False] * 30}
+    r = Racer(2, base)
+    stop = r.stop()                              # nothing scored yet: the base is the reference
+    worse = {e: e >= 30 for e in range(24)}      # the base's 24 correct answers all wrong: p = 2^-24
+    assert stop(0, n - 24, worse)
+    assert not stop(0, n - 10, {e: False for e in range(10)})        # beaten, but fewer than 20 examples seen
+    assert stop(12, n - 24, {e: e % 2 == 0 for e in range(24)})      # 0 fixed / 12 broken: p = 2^-12 < 0.01
+    swapped = {e: e >= 30 for e in range(18, 42)}                    # 12 fixed / 12 broken: no evidence
+    assert not stop(12, n - 24, swapped)
+    assert not stop(12, n - 24, {e: e < 30 for e in range(24)})      # = the base on every row so far
+    # two fully scored: the 2nd best also becomes a reference (a candidate can be fine against the base, beaten by it)
+    mk = lambda rho: Candidate(Edit("m.layers.1.mlp.up_proj", rho), 1, 0.0)    # noqa: E731
+    a, b = mk(0.1), mk(0.2)
+    a.result = {"n": n, "correct": [True] * 60, "accuracy": 1.0, "log_loss": 0.1}
+    b.result = {"n": n, "correct": [True] * 55 + [False] * 5, "accuracy": 55 / 60, "log_loss": 0.2}
+    r.add(a)
+    r.add(b)
+    stop = r.stop()
+    like_base = {e: e < 30 for e in range(30)}   # base-like: 30 correct of the first 30, but b got all 30 too
+    assert not stop(30, 30, like_base)
+    half = {e: e < 15 for e in range(30)}        # 15 broken vs b, 0 fixed: p = 2^-15
+    assert stop(15, 30, half)
+    assert stop(1, 3, {})                        # and the exact bar still applies (1 + 3 < 55)
+
+
+def test_race_search_keeps_a_clear_winner_and_saves_passes(monkeypatch):
+    rng = random.Random(7)
+    n, batches = 100, [20] * 5
+    cands, truth = _fake(24, n, batches, rng)
+    winner = cands[5]
+    truth[winner.key()] = {"n": n, "correct": [True] * 90 + [False] * 10, "accuracy": 0.9, "log_loss": 0.1}
+    base = {"n": n, "accuracy": 0.5, "log_loss": 0.65, "correct": [True] * 50 + [False] * 50}
+    _patch(monkeypatch, truth, batches, [])
+    runs = {}
+    for mode in ("exact", "race"):
+        for c in cands:
+            c.result = None
+        runs[mode] = search(FakeScorer(n), cands, base, PrefixCache(), N_LAYERS, max_evals=None,
+                            progress=False, prune=mode, keep=3)
+    assert [c.key() for c in runs["race"].best] == [winner.key()] == [c.key() for c in runs["exact"].best]
+    assert runs["race"].pruned > runs["exact"].pruned
+    assert runs["race"].row_passes < runs["exact"].row_passes
+    assert runs["race"].row_passes + runs["race"].row_passes_saved == runs["exact"].row_passes + runs["exact"].row_passes_saved
 
 
 def test_pruning_refuses_what_it_cannot_keep_exact():
@@ -140,17 +188,19 @@ def test_a_stop_that_never_fires_changes_no_bit(smollm2, data_dir, name):
     assert len(sc.batches) > 2
     asked = []
     plain = sc.evaluate()
-    watched = sc.evaluate(stop=lambda correct, remaining: asked.append((correct, remaining)) and False)
+    watched = sc.evaluate(stop=lambda correct, remaining, outcomes: asked.append((correct, remaining, outcomes))
+                          and False)
     assert watched == plain
     assert len(asked) == len(sc.batches) - 1
-    assert all(c + r <= len(sc.examples) for c, r in asked)
+    assert all(c + r <= len(sc.examples) and c == sum(o.values()) and len(o) + r == len(sc.examples)
+               and all(plain["correct"][e] == ok for e, ok in o.items()) for c, r, o in asked)
     assert asked[-1][0] <= sum(plain["correct"])
 
 
 def test_a_stop_ends_the_pass_with_what_it_has_seen(smollm2, data_dir):
     sc = _scorer(smollm2, data_dir, "bigbench_epistemic_reasoning")
     plain = sc.evaluate()
-    res = sc.evaluate(stop=lambda correct, remaining: True)
+    res = sc.evaluate(stop=lambda correct, remaining, outcomes: True)
     assert res["pruned"] and res["batches_scored"] == 1
     first = {r.example for r in sc.batches[0].rows}
     assert res["rows_scored"] == len(first)

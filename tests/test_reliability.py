@@ -12,7 +12,7 @@ from c2i_fast.cli import main
 
 ARGS = ["--model", "smollm2", "--task", "fever", "--samples", "16", "--test-size", "16", "--top-k", "2",
         "--rank-fractions", "0.6,0.2,0.05", "--clusters", "1,2", "--methods", "block", "--max-evals", "8",
-        "--types", "mlp_in,mlp_out", "--threads", "1"]
+        "--types", "mlp_in,mlp_out", "--confirm-size", "50", "--threads", "1"]
 
 
 def _numbers(rep: dict) -> dict:

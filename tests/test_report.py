@@ -24,7 +24,7 @@ def real_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("adapt") / "run"
     adapt(AdaptConfig(model="smollm2", task="fever", out=str(out), samples=16, test_size=16, top_k=1,
                       rank_fractions=(0.5, 0.05), clusters=(1, 2), methods=("block",), types=("mlp_in", "mlp_out"),
-                      max_evals=4, threads=1, progress=False))
+                      max_evals=4, confirm_size=50, threads=1, progress=False))
     return out
 
 

@@ -17,10 +17,15 @@ class Ref:
     layer: int
     type: str
     w: torch.Tensor
+    transposed: bool = False
 
     @property
     def shape(self):
         return tuple(self.w.shape)
+
+    @property
+    def param(self):          # the stored tensor (c2i_fast.svd.weight_svd keys its memo on it)
+        return self.w
 
     def weight(self):
         return self.w

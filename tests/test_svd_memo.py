@@ -1,0 +1,101 @@
+"""SVDs remembered across scans in one process (c2i_fast.svd.remembered_svds / weight_svd): reused only for the
+very tensor, unchanged; recomputed after any change, even one written past the version counter; dropped when the
+block exits or the weight is freed."""
+import gc
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import c2i_fast.svd as svd_mod
+from c2i_fast.svd import full_svd, remembered_svds, weight_svd
+
+
+@pytest.fixture(autouse=True)
+def _fresh_memo(monkeypatch):
+    """Outside any block (conftest keeps one open for the session), with an empty memo."""
+    monkeypatch.setattr(svd_mod, "_MEMO_DEPTH", 0)
+    monkeypatch.setattr(svd_mod, "_MEMO", {})
+
+
+def _counting(monkeypatch):
+    calls = []
+    real = svd_mod.full_svd
+
+    def counted(w, *, name=None):
+        calls.append(name)
+        return real(w, name=name)
+    monkeypatch.setattr(svd_mod, "full_svd", counted)
+    return calls
+
+
+def test_reused_inside_the_block_only(monkeypatch):
+    calls = _counting(monkeypatch)
+    p = torch.nn.Parameter(torch.randn(7, 5, generator=torch.Generator().manual_seed(0)))
+    weight_svd(p)
+    weight_svd(p)
+    assert len(calls) == 2                                 # outside a block: no memo
+    with remembered_svds():
+        a = weight_svd(p, name="p")
+        with remembered_svds():                            # nested blocks share the memo
+            assert weight_svd(p, name="p") is a
+        assert weight_svd(p, name="p") is a and len(calls) == 3
+        t = weight_svd(p, transposed=True, name="p")       # the transpose is another matrix
+        assert t.shape == (5, 7) and len(calls) == 4
+    assert not svd_mod._MEMO
+    ref = full_svd(p)
+    assert torch.equal(a.s, ref.s) and torch.equal(a.u, ref.u) and torch.equal(a.v, ref.v)
+
+
+def test_any_change_recomputes(monkeypatch):
+    calls = _counting(monkeypatch)
+    p = torch.nn.Parameter(torch.randn(6, 6, generator=torch.Generator().manual_seed(1)))
+    with remembered_svds():
+        a = weight_svd(p)
+        with torch.no_grad():
+            p.mul_(2.0)                                    # bumps the version counter
+        b = weight_svd(p)
+        assert b is not a and torch.allclose(b.s, 2 * a.s)
+        p.data.copy_(p.data.flip(0) * 0.5)                 # .data writes past the version counter
+        c = weight_svd(p)
+        assert c is not b and len(calls) == 3
+        assert torch.allclose(c.s, a.s, rtol=1e-5)
+
+
+def test_an_entry_goes_with_its_weight():
+    with remembered_svds():
+        p = torch.nn.Parameter(torch.randn(4, 3))
+        weight_svd(p)
+        assert len(svd_mod._MEMO) == 1
+        del p
+        gc.collect()
+        assert not svd_mod._MEMO                            # its id() may now be reused by another tensor
+
+
+def test_a_second_scan_of_the_model_takes_no_svd(monkeypatch):
+    """Two scans of a tiny random Llama (mechanics only): the same scores, the SVDs computed once."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from c2i_fast.evaluate import Scorer
+    from c2i_fast.models import target_matrices
+    from c2i_fast.scan import scan
+    from c2i_fast.tasks import Example
+    calls = _counting(monkeypatch)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+
+    class Tok:
+        pad_token_id, eos_token_id, bos_token_id = 0, 1, None
+
+        def __call__(self, text, add_special_tokens=False):
+            return SimpleNamespace(input_ids=[2 + (ord(ch) % 60) for ch in text])
+    exs = [Example(id=str(i), prompt=f"q{i} is", target=" yes" if i % 2 else " no", choices=(" yes", " no"),
+                   label=0 if i % 2 else 1) for i in range(6)]
+    refs = target_matrices(model)
+    with remembered_svds():
+        first = scan(Scorer(model, Tok(), exs, "classification"), refs, [0.5, 0.1], 2, progress=False)
+        n = len(calls)
+        second = scan(Scorer(model, Tok(), exs, "classification"), refs, [0.5, 0.1], 2, progress=False)
+    assert n == len(refs) and len(calls) == n               # the second scan took none
+    assert [(m.name, m.score) for m in first.matrices] == [(m.name, m.score) for m in second.matrices]
