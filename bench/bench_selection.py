@@ -73,7 +73,7 @@ def run_unit(args, task: str, draw: int, lm=None) -> dict:
             lrep = laser(LaserConfig(
                 model=args.model, task=task, out=str(work / "laser"), val_size=args.samples,
                 test_size=args.test_size, layers=parse_layers(args.laser_layers), seed=args.seed, draw=draw,
-                draws=args.draws, threads=args.threads, progress=not args.quiet))
+                draws=args.draws, threads=args.threads, progress=not args.quiet), lm=lm)
             unit["rules"]["laser"] = {"plan": lrep["plan"], "shipped": bool(lrep["plan"]),
                                       "reason": f"LASER grid: layers {args.laser_layers} × {{mlp_in, mlp_out}} × "
                                                 f"{len(lrep['config']['rank_fractions'])} ρ, best on the same "

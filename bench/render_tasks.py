@@ -29,8 +29,10 @@ NOT_RUN = "not run yet"
 HEADER = ("| task | method | rows sel. / test | accuracy [95% Wilson] | majority class | Δ vs base [95%] | "
           "fixed / broken | McNemar p | answers changed | log-loss | plan | wall | layer-passes |")
 LEGEND = ("Accuracy: 95% Wilson score interval. Δ: paired difference with the base on the same rows, normal 95% "
-          "interval; McNemar p: exact, two-sided. Wall: the method's whole run (model load, scan, search, held-out "
-          "passes; base: its held-out pass). Layer-passes: the search's, one transformer layer over the selection "
+          "interval; McNemar p: exact, two-sided. Wall: the method's whole run (scan, search, confirmation, held-out "
+          "passes; base: its held-out pass), after the one model load a bench run shares between its cells; a "
+          "base-model pass made before on the same rows (by another cell or an earlier run) is read from the "
+          "metrics cache. Layer-passes: the search's, one transformer layer over the selection "
           "rows (the confirmation and held-out passes are not counted).")
 RULE = "|" + "---|" * HEADER.count(" | ") + "---|"
 

@@ -153,15 +153,17 @@ def test_every_cell_present_runs_nothing(bench, tmp_path, monkeypatch, capsys):
 def test_end_to_end_tiny_run_resumes_and_renders(bench, render, tmp_path, monkeypatch, capsys):
     """Tiny real run (SmolLM2, FEVER, 20 selection / 30 held-out rows): a cell left by a killed run stays as it
     is, the missing ones are made, a rerun loads no model; the table has the four cells with numbers."""
+    import c2i_fast.models as models
     import c2i_fast.pipeline as pipeline
     monkeypatch.setenv("C2I_DATA", os.environ.get("C2I_DATA", "/work/shared/data"))
-    loads = []
-    real_load = pipeline.load_model
+    loads, pipeline_loads = [], []
+    real_load = models.load_model
 
     def counting_load(*a, **k):
         loads.append(a[0] if a else k.get("model"))
         return real_load(*a, **k)
-    monkeypatch.setattr(pipeline, "load_model", counting_load)
+    monkeypatch.setattr(models, "load_model", counting_load)          # the bench's one load per run
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pipeline_loads.append(a) or real_load(*a, **k))
     out = tmp_path / "tasks-smollm2"
     argv = ["--model", "smollm2", "--tasks", "fever", "--samples", "20", "--test-size", "30", "--top-k", "1",
             "--max-evals", "3", "--clusters", "1,2", "--methods", "block", "--rank-fractions", "0.1,0.01",
@@ -170,18 +172,18 @@ def test_end_to_end_tiny_run_resumes_and_renders(bench, render, tmp_path, monkey
                                                 "ci95": [0.0, 0.0], "p_two_sided": 1.0})
     _write(out, left)                                  # what a run killed after its laser cell left behind
     assert bench.main(argv) == 0
-    assert len(loads) == 2                             # c2i_fast and c2i; laser's cell was there
+    assert len(loads) == 1                             # c2i_fast and c2i share it; laser's cell was there
     assert json.loads((out / "fever" / "laser.json").read_text()) == left
     (out / "fever" / "laser.json").unlink()            # now the run killed before laser: it resumes there
     stamps = {p: p.stat().st_mtime_ns for p in (out / "fever").glob("*.json")}
     assert bench.main(argv) == 0
-    assert len(loads) == 3
+    assert len(loads) == 2
     assert {p: p.stat().st_mtime_ns for p in (out / "fever").glob("*.json") if p in stamps} == stamps
     assert sorted(p.name for p in (out / "fever").glob("*.json")) == ["base.json", "c2i.json", "c2i_fast.json",
                                                                      "laser.json"]
     capsys.readouterr()
     assert bench.main(argv) == 0                       # every cell present: no model load
-    assert len(loads) == 3
+    assert len(loads) == 2 and pipeline_loads == []    # no run loaded a model of its own
 
     cells = {m: json.loads((out / "fever" / f"{m}.json").read_text()) for m in render.METHODS}
     base = cells["base"]["held_out"]
