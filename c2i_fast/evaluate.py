@@ -330,7 +330,9 @@ class Scorer:
 
         ``stop(correct, remaining, outcomes) -> bool`` (early stopping, :func:`c2i_fast.search.search`'s pruning)
         is asked after every batch, with the examples answered correctly so far among those whose rows are all
-        scored, the examples still to come, and ``outcomes`` (example index → correct) of the scored ones; True ends the pass and returns :meth:`pruned_result` instead of the metrics.
+        scored, the examples still to come, and ``outcomes`` (example index → correct) of the scored ones (the
+        pass's own dict, growing batch by batch: copy it to keep it); True ends the pass and returns
+        :meth:`pruned_result` instead of the metrics.
         A pass that is not stopped returns exactly what it would without ``stop`` (the same batches, in the same
         order, into the same :meth:`metrics`). Ignored for generation tasks (accuracy comes from generate())."""
         while True:

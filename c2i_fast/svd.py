@@ -141,10 +141,11 @@ def remembered_svds():
 
 
 def _stamp(param: Tensor) -> tuple:
-    """What must not have changed for a remembered SVD to be reused: the in-place version counter, and a float64
-    sum and sum of squares (``param.data.copy_`` writes past the version counter)."""
+    """What must not have changed for a remembered SVD to be reused: the in-place version counter, a float64 sum
+    and sum of squares (``param.data.copy_`` writes past the version counter), and torch's thread count (the
+    SVD's last bits depend on it: a hit is what computing it now would give)."""
     w = param.detach().double()
-    return (param._version, float(w.sum()), float((w * w).sum()))
+    return (param._version, torch.get_num_threads(), float(w.sum()), float((w * w).sum()))
 
 
 def weight_svd(param: Tensor, *, transposed: bool = False, name: str | None = None) -> SVD:

@@ -188,8 +188,8 @@ def test_a_stop_that_never_fires_changes_no_bit(smollm2, data_dir, name):
     assert len(sc.batches) > 2
     asked = []
     plain = sc.evaluate()
-    watched = sc.evaluate(stop=lambda correct, remaining, outcomes: asked.append((correct, remaining, outcomes))
-                          and False)
+    watched = sc.evaluate(stop=lambda correct, remaining, outcomes:        # outcomes is live: keep a copy
+                          asked.append((correct, remaining, dict(outcomes))) and False)
     assert watched == plain
     assert len(asked) == len(sc.batches) - 1
     assert all(c + r <= len(sc.examples) and c == sum(o.values()) and len(o) + r == len(sc.examples)

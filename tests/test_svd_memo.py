@@ -1,6 +1,6 @@
 """SVDs remembered across scans in one process (c2i_fast.svd.remembered_svds / weight_svd): reused only for the
-very tensor, unchanged; recomputed after any change, even one written past the version counter; dropped when the
-block exits or the weight is freed."""
+very tensor, unchanged, at the same thread count; recomputed after any change, even one written past the version
+counter; dropped when the block exits or the weight is freed."""
 import gc
 from types import SimpleNamespace
 
@@ -60,6 +60,24 @@ def test_any_change_recomputes(monkeypatch):
         c = weight_svd(p)
         assert c is not b and len(calls) == 3
         assert torch.allclose(c.s, a.s, rtol=1e-5)
+
+
+def test_another_thread_count_recomputes(monkeypatch):
+    """LAPACK's SVD of one matrix differs in the last bits between 1 and 2 threads: a hit must be what computing
+    it now would give, so a thread change recomputes."""
+    calls = _counting(monkeypatch)
+    p = torch.nn.Parameter(torch.randn(9, 7, generator=torch.Generator().manual_seed(2)))
+    threads = torch.get_num_threads()
+    try:
+        with remembered_svds():
+            torch.set_num_threads(1)
+            a = weight_svd(p)
+            torch.set_num_threads(2)
+            b = weight_svd(p)
+            assert b is not a and len(calls) == 2
+            assert weight_svd(p) is b and len(calls) == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_an_entry_goes_with_its_weight():
