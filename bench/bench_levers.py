@@ -11,7 +11,10 @@ every variant pays its own scan (no SVD is shared between variants):
   stops once it can no longer reach the best ``--confirm-top``; base passes made and stored;
 - ``cache``: as ``exact`` with the cache the ``exact`` run filled: the base passes are read (a second adapt, a
   resume or a draw of the same task);
-- ``race``:  ``--prune race`` with that cache: a candidate also stops once it is beaten with confidence.
+- ``race``:  ``--prune race`` with that cache: a candidate also stops once it is beaten with confidence;
+- ``exact-small``, ``race-small``: the same rules with ``--batch-tokens 256`` and no metrics cache. A stop is
+  asked after each batch, and at 4096 tokens a FEVER pass over 100 rows is only a few batches: smaller batches
+  give the rules more chances to stop (and cost what smaller matmuls cost).
 
 A unit is ``<out>/<task>/<variant>.json``, written atomically when it finishes and skipped when present (a
 killed run resumes; ``cache`` and ``race`` rerun ``exact``'s cold run first when its cache folder is gone, so
@@ -41,11 +44,14 @@ from c2i_fast.io import atomic_write_text, device_name, versions  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import git_commit  # noqa: E402
 
-VARIANTS = {                # variant → (prune, metrics cache, cache state)
-    "none": ("off", False, None),
-    "exact": ("exact", True, "cold"),
-    "cache": ("exact", True, "warm"),
-    "race": ("race", True, "warm"),
+SMALL_BATCH = 256           # tokens per batch of the "-small" variants (default 4096: FEVER's 100 rows in 5 batches)
+VARIANTS = {                # variant → (prune, metrics cache, cache state, --batch-tokens or None: the default)
+    "none": ("off", False, None, None),
+    "exact": ("exact", True, "cold", None),
+    "cache": ("exact", True, "warm", None),
+    "race": ("race", True, "warm", None),
+    "exact-small": ("exact", False, None, SMALL_BATCH),
+    "race-small": ("race", False, None, SMALL_BATCH),
 }
 PHASES = ("scan_gradient", "scan_svd", "candidates", "select_base", "search", "confirm", "test_base",
           "test_adapted")
@@ -55,7 +61,7 @@ def unit_from_report(rep: dict, seconds: float) -> dict:
     """What a unit keeps of one run's report.json."""
     s, dec = rep["search"], rep["decision"]
     return {
-        "seconds": round(seconds, 1),
+        "seconds": round(seconds, 1), "batch_tokens": rep["config"].get("batch_tokens"),
         "timings": {k: rep["timings"].get(k) for k in PHASES if k in rep["timings"]},
         "top_k": [m["matrix"] for m in rep["scan"]["matrices"][:rep["config"]["top_k"]]],
         "search": {k: s.get(k) for k in ("n_candidates", "n_evaluated", "n_same_factors", "prune", "pruned",
@@ -73,7 +79,8 @@ def unit_from_report(rep: dict, seconds: float) -> dict:
 
 def run_variant(args, task: str, variant: str, lm, cache_dir: Path) -> dict:
     from c2i_fast.pipeline import AdaptConfig, adapt
-    prune, use_cache, _ = VARIANTS[variant]
+    prune, use_cache, _, batch_tokens = VARIANTS[variant]
+    extra = {"batch_tokens": batch_tokens} if batch_tokens else {}
     work = Path(tempfile.mkdtemp(prefix="c2i-levers-"))
     old = os.environ.get("C2I_CACHE")
     os.environ["C2I_CACHE"] = str(cache_dir)
@@ -81,7 +88,7 @@ def run_variant(args, task: str, variant: str, lm, cache_dir: Path) -> dict:
         t0 = time.perf_counter()
         rep = adapt(AdaptConfig(model=args.model, task=task, out=str(work / "run"), prune=prune,
                                 metrics_cache=use_cache, threads=args.threads, seed=args.seed,
-                                progress=not args.quiet), lm=lm)
+                                progress=not args.quiet, **extra), lm=lm)
         return unit_from_report(rep, time.perf_counter() - t0)
     finally:
         shutil.rmtree(work, ignore_errors=True)
