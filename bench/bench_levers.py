@@ -108,7 +108,7 @@ def summarize(out: Path) -> str:
         ref = units.get("none")
         for v, u in units.items():
             t, s = u["timings"], u["search"]
-            base_s = sum(t.get(k) or 0.0 for k in ("select_base", "test_base")) + 0.0
+            base_s = sum(t.get(k) or 0.0 for k in ("select_base", "test_base"))
             plan = ", ".join(f"L{e['matrix'].split('.')[2]} {e['matrix'].split('.')[-1]} ρ={e['rank_fraction']} "
                              f"k={e['n_clusters']}" for e in u["plan"]) or "base"
             same = "—" if ref is None or v == "none" else ("yes" if u["selection_best"] == ref["selection_best"]

@@ -130,16 +130,17 @@ def markdown(summary: dict) -> str:
                 continue
             ch = [c for c in s["changed"] if c is not None]
             base = sorted({round(100 * b, 1) for b in s.get("base_accuracy", []) if b is not None})
-            rows.append(
-                f"| {model} | {task} | {'**confirm**' if name == 'confirm' else name} | {len(s['draws'])} of {n_draws} "
-                f"| {s['shipped']} | {', '.join(pts(x) for x in s['delta'])} | {100 * s['mean_delta']:+.2f} "
-                f"| {', '.join(f'{f} / {b}' for f, b in zip(s.get('fixed', []), s.get('broken', [])))} "
-                f"| {', '.join('–' if p is None else f'{p:.2g}' for p in s['p'])} "
-                f"| {(100 * sum(ch) / len(ch)):.1f}% | {s['worse']} |" if ch else
-                f"| {model} | {task} | {name} | {len(s['draws'])} of {n_draws} | {s['shipped']} "
-                f"| {', '.join(pts(x) for x in s['delta'])} | {100 * s['mean_delta']:+.2f} | | | – | {s['worse']} |")
-            if base and name == "paper":
-                rows[-1] = rows[-1].replace(f"| {task} |", f"| {task} (base {', '.join(f'{b:.1f}%' for b in base)}) |", 1)
+            label = f"{task} (base {', '.join(f'{b:.1f}%' for b in base)})" if base and name == "paper" else task
+            if ch:      # units written before the per-draw counts were kept leave those columns empty
+                rule = "**confirm**" if name == "confirm" else name
+                counts = ", ".join(f"{f} / {b}" for f, b in zip(s.get("fixed", []), s.get("broken", [])))
+                ps = ", ".join("–" if p is None else f"{p:.2g}" for p in s["p"])
+                changed = f"{100 * sum(ch) / len(ch):.1f}%"
+            else:
+                rule, counts, ps, changed = name, "", "", "–"
+            rows.append(f"| {model} | {label} | {rule} | {len(s['draws'])} of {n_draws} | {s['shipped']} "
+                        f"| {', '.join(pts(x) for x in s['delta'])} | {100 * s['mean_delta']:+.2f} | {counts} "
+                        f"| {ps} | {changed} | {s['worse']} |")
     return "\n".join(rows)
 
 
