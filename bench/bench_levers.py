@@ -14,7 +14,14 @@ every variant pays its own scan (no SVD is shared between variants):
 - ``race``:  ``--prune race`` with that cache: a candidate also stops once it is beaten with confidence;
 - ``exact-small``, ``race-small``: the same rules with ``--batch-tokens 256`` and no metrics cache. A stop is
   asked after each batch, and at 4096 tokens a FEVER pass over 100 rows is only a few batches: smaller batches
-  give the rules more chances to stop (and cost what smaller matmuls cost).
+  give the rules more chances to stop (and cost what smaller matmuls cost);
+- ``halve``: ``--prune halve --no-metrics-cache``: successive halving (every candidate on a quarter of the
+  rows, the better half on the next quarter, the better half of those on the rest), against ``none``;
+- ``gram``: as ``none`` with ``--scan-svd gram`` (the scan's scores from Gram eigendecompositions, a full SVD
+  for the best 2 × top-K only); ``fast``: ``halve`` and ``gram`` together (a first run, no cache).
+
+Every variant but ``gram`` and ``fast`` runs ``--scan-svd full`` (the default before ``gram``), so the units
+of earlier commits stay comparable.
 
 A unit is ``<out>/<task>/<variant>.json``, written atomically when it finishes and skipped when present (a
 killed run resumes; ``cache`` and ``race`` rerun ``exact``'s cold run first when its cache folder is gone, so
@@ -36,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -45,13 +53,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import git_commit  # noqa: E402
 
 SMALL_BATCH = 256           # tokens per batch of the "-small" variants (default 4096: FEVER's 100 rows in 5 batches)
-VARIANTS = {                # variant → (prune, metrics cache, cache state, --batch-tokens or None: the default)
-    "none": ("off", False, None, None),
-    "exact": ("exact", True, "cold", None),
-    "cache": ("exact", True, "warm", None),
-    "race": ("race", True, "warm", None),
-    "exact-small": ("exact", False, None, SMALL_BATCH),
-    "race-small": ("race", False, None, SMALL_BATCH),
+
+
+class Variant(NamedTuple):
+    prune: str                  # --prune
+    metrics_cache: bool         # --metrics-cache
+    cache_state: str | None     # "cold": a fresh folder; "warm": the one the exact run filled; None: no cache
+    batch_tokens: int | None    # --batch-tokens (None: the default)
+    scan_svd: str = "full"      # --scan-svd
+
+
+VARIANTS = {
+    "none": Variant("off", False, None, None),
+    "exact": Variant("exact", True, "cold", None),
+    "cache": Variant("exact", True, "warm", None),
+    "race": Variant("race", True, "warm", None),
+    "exact-small": Variant("exact", False, None, SMALL_BATCH),
+    "race-small": Variant("race", False, None, SMALL_BATCH),
+    "halve": Variant("halve", False, None, None),
+    "gram": Variant("off", False, None, None, "gram"),
+    "fast": Variant("halve", False, None, None, "gram"),
 }
 PHASES = ("scan_gradient", "scan_svd", "candidates", "select_base", "search", "confirm", "test_base",
           "test_adapted")
@@ -79,15 +100,15 @@ def unit_from_report(rep: dict, seconds: float) -> dict:
 
 def run_variant(args, task: str, variant: str, lm, cache_dir: Path) -> dict:
     from c2i_fast.pipeline import AdaptConfig, adapt
-    prune, use_cache, _, batch_tokens = VARIANTS[variant]
-    extra = {"batch_tokens": batch_tokens} if batch_tokens else {}
+    v = VARIANTS[variant]
+    extra = {"batch_tokens": v.batch_tokens} if v.batch_tokens else {}
     work = Path(tempfile.mkdtemp(prefix="c2i-levers-"))
     old = os.environ.get("C2I_CACHE")
     os.environ["C2I_CACHE"] = str(cache_dir)
     try:
         t0 = time.perf_counter()
-        rep = adapt(AdaptConfig(model=args.model, task=task, out=str(work / "run"), prune=prune,
-                                metrics_cache=use_cache, threads=args.threads, seed=args.seed,
+        rep = adapt(AdaptConfig(model=args.model, task=task, out=str(work / "run"), prune=v.prune,
+                                metrics_cache=v.metrics_cache, scan_svd=v.scan_svd, threads=args.threads, seed=args.seed,
                                 progress=not args.quiet, **extra), lm=lm)
         return unit_from_report(rep, time.perf_counter() - t0)
     finally:
@@ -156,13 +177,13 @@ def main(argv=None) -> int:
                 if path.is_file():
                     continue
                 lm = lm or load_model(args.model)
-                if VARIANTS[v][2] == "warm" and not warm:       # fill the cache the way the exact run does
+                if VARIANTS[v].cache_state == "warm" and not warm:       # fill the cache the way the exact run does
                     print(f"[bench_levers] {task}: filling the metrics cache", file=sys.stderr, flush=True)
                     run_variant(args, task, "exact", lm, cache_dir)
                     warm = True
                 print(f"[bench_levers] {args.model} {task} {v}", file=sys.stderr, flush=True)
                 unit = run_variant(args, task, v, lm, cache_dir)
-                warm = warm or VARIANTS[v][1]
+                warm = warm or VARIANTS[v].metrics_cache
                 unit.update(task=task, variant=v, commit=git_commit(),
                             finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
                 atomic_write_text(path, json.dumps(unit, indent=2, default=str) + "\n")

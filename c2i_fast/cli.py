@@ -89,16 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--confirm-top", type=int, default=3, help="candidates re-scored on them (default 3)")
     a.add_argument("--alpha", type=float, default=0.05,
                    help="ship only if the confirmed gain's one-sided McNemar p × --confirm-top ≤ this")
-    a.add_argument("--prune", choices=["exact", "race", "off"], default="exact",
+    a.add_argument("--prune", choices=["exact", "race", "halve", "off"], default="exact",
                    help="stop scoring a candidate once even every remaining selection row answered correctly "
                         "cannot put it among the best max(1, --confirm-top): the same plans as 'off' (default "
                         "exact; off where --gate-p, --compose or a max-T fallback needs every candidate). 'race' "
                         "also stops one already worse, paired, than the base or the best few (one-sided McNemar "
-                        "p < 0.01 after 20 rows): fewer passes, not always the same plan")
-    a.add_argument("--scan-svd", choices=["full", "randomized"], default="full",
+                        "p < 0.01 after 20 rows): fewer passes, not always the same plan. 'halve': successive "
+                        "halving, every candidate on a quarter of the rows, the better half on the next quarter, "
+                        "the better half of those on the rest: about half the passes, not always the same plan")
+    a.add_argument("--scan-svd", choices=["full", "randomized", "gram"], default="gram",
                    help="the scan's SVDs: 'randomized' takes only the top singular triplets the ρ grid needs "
                         "where it needs at most 1/8 of them (ρ ≤ 0.125; not the default grid, which reaches ρ=0.9), "
-                        "and a full SVD for the matrices that reach the top-K")
+                        "and a full SVD for the matrices that reach the top-K; 'gram': every score from the "
+                        "eigendecomposition of the smaller Gram matrix WWᵀ or WᵀW (the full SVD's scores up to "
+                        "round-off; the default), a full SVD only for the best 2 × --top-k")
     a.add_argument("--compare-rules", action="store_true",
                    help="also judge every other rule's plan on the held-out rows (bench; the report's 'rules')")
     a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",

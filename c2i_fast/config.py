@@ -72,11 +72,14 @@ class AdaptConfig(RunConfig):
     compare_rules: bool = False         # bench: report every rule's plan on the held-out split
     only_draw: int | None = None        # bench: run draw ``only_draw`` of ``draws`` alone (one unit per draw)
     # Stop scoring a candidate once it cannot be among the best max(1, confirm_top) (c2i_fast.search.Pruner):
-    # "exact" (the same plans and top candidates as "off") or "off" (every candidate scored on every row).
+    # "exact" (the same plans and top candidates as "off"), "race" / "halve" (fewer passes, not always the same
+    # plan) or "off" (every candidate scored on every row).
     prune: str = "exact"
-    # The scan's SVDs: "full" (every matrix) or "randomized" (the top singular triplets the ρ grid needs, where
-    # it needs fewer than c2i_fast.scan.RANDOMIZED_MAX_FRACTION of them; the top-K get a full SVD again).
-    scan_svd: str = "full"
+    # The scan's SVDs: "full" (every matrix), "randomized" (the top singular triplets the ρ grid needs, where
+    # it needs fewer than c2i_fast.scan.RANDOMIZED_MAX_FRACTION of them; the top-K get a full SVD again) or "gram"
+    # (every score from the smaller Gram matrix's eigendecomposition, the full SVD's up to round-off; the top
+    # few get a full SVD; the default: every ranking measured so far was the full SVDs').
+    scan_svd: str = "gram"
 
     def shares_prefix(self) -> bool:
         return self.share_prefix and not self.dense_candidates

@@ -377,6 +377,22 @@ class Scorer:
             return int(sc.argmax()) == ex.label
         return bool(d["greedy"])
 
+    def standing(self, pairs) -> tuple[int, int, float]:
+        """(examples complete, correct among them, their mean answer loss) from (batch, row stats) pairs that
+        cover some batches (:meth:`run` with ``only``): how a candidate stands on the rows scored so far
+        (successive halving, :func:`c2i_fast.search.search`). An example spread over rows in batches not yet
+        run is not complete."""
+        left = self.rows_per_example()
+        for b, _ in pairs:
+            for r in b.rows:
+                left[r.example] -= 1
+        per = self._per_example(pairs)
+        done = {e: per[e] for e in per if left[e] == 0}
+        if not done:
+            return 0, 0, 0.0
+        correct = sum(self.example_correct(d, self.examples[e]) for e, d in done.items())
+        return len(done), correct, float(self.loss(done, "answer"))
+
     def pruned_result(self, scored: int, correct: int, batches: int) -> dict:
         """What a pass stopped early records: no metrics, only how far it got (examples whose rows were all
         scored, how many of them were correct, batches run)."""

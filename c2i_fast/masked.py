@@ -237,6 +237,16 @@ class MaskedScorer:
             except torch.OutOfMemoryError as e:
                 self.halve_batches(e)
 
+    def standing(self, pairs) -> tuple[int, int, float]:
+        """(examples scored, correct among them, their mean answer loss) from pairs covering some batches (as
+        :meth:`c2i_fast.evaluate.Scorer.standing`; one row per example here)."""
+        pairs = list(pairs)
+        if not pairs:
+            return 0, 0, 0.0
+        examples = [self.examples[r.example] for b, _ in pairs for r in b.rows]
+        correct = sum(p == ex.label for p, ex in zip(self._predictions(pairs), examples))
+        return len(examples), correct, float(self.loss(pairs, "answer"))
+
     def pruned_result(self, scored: int, correct: int, batches: int) -> dict:
         """What a pass stopped early records (as :meth:`c2i_fast.evaluate.Scorer.pruned_result`)."""
         return {"pruned": True, "n": len(self.examples), "rows_scored": scored, "correct_so_far": correct,

@@ -29,6 +29,7 @@ from .errors import C2IError
 from .io import atomic_directory
 from .nn import is_conv1d
 from .packaged import PACKAGED, assemble
+from .svd import SVD, weight_svd
 
 # Short names for the real models that install offline from PyPI (see shared/MODELS.md).
 ALIASES = {
@@ -97,6 +98,10 @@ class MatrixRef:
     @property
     def param(self) -> nn.Parameter:
         return self.module.weight
+
+    def svd(self) -> SVD:
+        """W's SVD in nn.Linear layout (remembered within :func:`c2i_fast.svd.remembered_svds`)."""
+        return weight_svd(self.param, transposed=self.transposed, name=self.name)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from .confirm import MIN_CONFIRM_ROWS, RULES, changed_fraction, decide
 from .config import AdaptConfig, EvalConfig, LaserConfig, RunConfig  # noqa: F401  (part of this API)
 from .report_data import SCHEMA     # the report.json layout build_report writes (report.py reads it)
 from .scan import SCAN_SVDS, scan
-from .svd import remembered_svds, weight_svd
+from .svd import remembered_svds
 from .search import PRUNE_MODES, Candidate, build_candidates, candidate_factors, prune_mode, rank, search
 from .stats import paired_difference, selection_gain_test
 from .tasks import check_tokenization, load_task, split, split_with_test
@@ -42,6 +42,8 @@ from .transform import Edit, Plan, factorize_, restore_
 JOURNAL = "journal.jsonl"
 CONFIG = "config.json"
 REPORT = "report.json"
+_PRUNED_WHY = {"exact": "unable to reach", "race": "beaten by the base or by",
+               "halve": "by successive halving, not among"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -433,8 +435,8 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict,
     n_same = sum(c.same_as is not None for c in res.evaluated)
     _log(cfg, f"[c2i] evaluated {len(res.evaluated)} of {len(cands)} candidates"
               + (f" ({n_same} with the factors of an earlier one: its result, no pass)" if n_same else "")
-              + (f"; {res.pruned} stopped early, " + ("unable to reach" if prune == "exact" else "beaten by the base "
-                 f"or by") + f" the best {keep} ({res.row_passes_saved} row·layer passes saved)" if res.pruned else "")
+              + (f"; {res.pruned} stopped early, " + _PRUNED_WHY[prune] + f" the best {keep} "
+                 f"({res.row_passes_saved} row·layer passes saved)" if res.pruned else "")
               + "; plan: "
               + (", ".join(f"{c.edit.matrix} ρ={c.edit.rank_fraction} k={c.edit.n_clusters} {c.edit.method}"
                            for c in res.best) or "none beat the base model"), "plan",
@@ -534,7 +536,7 @@ def laser(cfg: LaserConfig, *, lm=None) -> dict:
     # One SVD per matrix serves every ρ; each candidate holds it until the report is written, as the plan's may.
     cands = []
     for r in refs:
-        svd = weight_svd(r.param, transposed=r.transposed, name=r.name)
+        svd = r.svd()
         cands += [Candidate(Edit(r.name, rho), r.layer, float("nan"), svd) for rho in cfg.rank_fractions]
     t_svd = time.perf_counter() - t1
     journal = out / JOURNAL

@@ -21,6 +21,10 @@ gain there, so ``randomized`` then does what ``full`` does. The scores of the be
 randomized estimate, and of any matrix that reaches the top-K after that, are recomputed from a full SVD: the
 top-K are ranked and scored, and their candidates built, exactly as with ``full``; a matrix whose estimate is
 off by more than the margin between the K-th and the RESCORE·K-th could still be missed (tests/test_scan_rsvd).
+``gram`` needs no SVD to score: with W (m, n), m ≤ n, and WWᵀ = UΣ²Uᵀ (a symmetric eigendecomposition of the
+smaller Gram matrix, float32 like the SVDs), vᵢ = Wᵀuᵢ/σᵢ, so σᵢgᵢ = σᵢ uᵢᵀGvᵢ = uᵢᵀ(GWᵀ)uᵢ: every σᵢgᵢ without a division
+(m > n: WᵀW = VΣ²Vᵀ and σᵢgᵢ = vᵢᵀ(WᵀG)vᵢ). ΔL̂(ρ) is a sum of them, so every score is the full SVD's up to
+round-off; the top RESCORE·K are rescored from a full SVD as above (their candidates need its factors).
 """
 from __future__ import annotations
 
@@ -34,14 +38,13 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .decompose import SVD, count_nonfinite, rank_for, truncation_delta
-from .svd import weight_svd
 from .errors import C2IError
 from .evaluate import Scorer
 from .models import MatrixRef, decoder_layers
 from .replay import PrefixCache
 
 SCORES = ("first_order", "grad_norm")
-SCAN_SVDS = ("full", "randomized")
+SCAN_SVDS = ("full", "randomized", "gram")
 # Randomized only where the grid needs at most this share of the triplets. Measured on SmolLM2's 210 matrices
 # (CPU, 2 threads, CPU seconds of the SVD phase): ρ_max = 0.4 with a k + 8 wide sketch, 2 iterations: 163 s,
 # as the full SVDs (163 s), with ΔL̂ off by up to 0.55; ρ_max = 0.1 with the sketch below: 110 s vs 168 s.
@@ -63,14 +66,15 @@ class MatrixScan:
     score: float                       # lower = more promising
     svd: SVD | None = None             # kept for the top-K only
     grad: torch.Tensor | None = None   # G (m, n), kept for the top-K only
-    exact: bool = True                 # False: delta/score from a randomized SVD (g_sigma: the top k only)
+    exact: bool = True                 # False: delta/score estimated (``estimate``), rescored if near the top
+    estimate: str = "randomized"       # how, when not exact: "randomized" (g_sigma: the top k only) or "gram"
 
     def summary(self) -> dict:
         d = {"matrix": self.name, "layer": self.layer, "type": self.type, "shape": list(self.shape),
              "score": self.score, "first_order_delta": {str(k): v for k, v in self.delta.items()},
              "grad_sigma_norm": float(self.g_sigma.norm())}
         if not self.exact:
-            d["svd"] = "randomized"
+            d["svd"] = self.estimate
         return d
 
 
@@ -213,13 +217,13 @@ def _keeps_every_layer(scorer: Scorer, cache: PrefixCache | None, checkpointing:
 
 def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top_k: int,
          loss_kind: str = "answer", score: str = "first_order", progress: bool = True,
-         checkpointing: bool = False, cache: PrefixCache | None = None, svd: str = "full") -> ScanResult:
+         checkpointing: bool = False, cache: PrefixCache | None = None, svd: str = "gram") -> ScanResult:
     """Gradient pass + SVDs; returns every matrix scored and the top-K with their SVD and G kept.
 
     With a ``cache`` (and where :func:`_keeps_every_layer` allows), the gradient pass's forward is also the base
     model's selection evaluation: ``ScanResult.base`` holds its metrics and ``cache`` the inputs of the top-K
     matrices' layers, as ``scorer.evaluate(cache, capture=…)`` would leave them, for one forward pass less.
-    ``svd``: "full" or "randomized" (module docstring)."""
+    ``svd``: "full", "randomized" or "gram" (module docstring)."""
     if score not in SCORES:
         raise C2IError(f"--score {score!r}: choose one of {', '.join(SCORES)}")
     if svd not in SCAN_SVDS:
@@ -241,6 +245,13 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
         if bad:
             # A NaN gradient would poison every score; skip the matrix and say so in the report.
             skipped[r.name] = f"gradient has {bad} non-finite entries"
+        elif svd == "gram" and score == "first_order":
+            if count_nonfinite(r.weight().detach().float()):
+                skipped[r.name] = f"matrix {r.name!r} has NaN/Inf entries; cannot take its SVD"
+            else:
+                scans.append(_gram_scan(r, g_mat, rank_fractions))
+                sketched.append(r)
+                continue
         elif svd == "randomized" and score == "first_order" and _sketchable(r.shape, rank_fractions):
             if count_nonfinite(r.weight().detach().float()):
                 skipped[r.name] = f"matrix {r.name!r} has NaN/Inf entries; cannot take its SVD"
@@ -249,7 +260,7 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
                 continue
         else:
             try:   # full_svd already falls back to other drivers and float64; NaN/Inf weights cannot be helped
-                svd_r = weight_svd(r.param, transposed=r.transposed, name=r.name)
+                svd_r = r.svd()
             except C2IError as e:
                 skipped[r.name] = str(e)
         if r.name in skipped:
@@ -257,7 +268,8 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
             continue
         scans.append(_exact_scan(r, svd_r, g_mat, rank_fractions, score))
         svds[r.name] = svd_r
-    scans += _randomized_scans(sketched, grads, rank_fractions)
+    if svd == "randomized":
+        scans += _randomized_scans(sketched, grads, rank_fractions)
     if distributed.size() > 1:       # every rank gets every matrix's scan; the top-K SVDs are redone locally
         every = distributed.gather({ms.name: ms for ms in scans})
         skipped = {k: v for part in distributed.gather({distributed.rank(): skipped}).values()
@@ -268,7 +280,7 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
     redone = _rescore(scans, by_name, grads, rank_fractions, score, top_k, svds)
     for ms in scans[:top_k]:
         r = by_name[ms.name]
-        ms.svd = svds.get(ms.name) or weight_svd(r.param, transposed=r.transposed, name=ms.name)
+        ms.svd = svds.get(ms.name) or r.svd()
         ms.grad = grads[ms.name]
     if keep_all:                     # the search replays the top-K layers only: free the others
         layers = {ms.layer for ms in scans[:top_k]}
@@ -276,8 +288,8 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
     t2 = time.perf_counter()
     if not scans:
         raise C2IError("no matrix could be scanned: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-    counts = {"mode": svd, "full": len(refs) - len(sketched) - len(skipped), "randomized": len(sketched),
-              "full_redone": redone}
+    counts = {"mode": svd, "full": len(refs) - len(sketched) - len(skipped), "full_redone": redone,
+              "gram" if svd == "gram" else "randomized": len(sketched)}
     return ScanResult(scans, loss, loss_kind, score, {"gradient": t1 - t0, "svd": t2 - t1}, skipped, base, counts)
 
 
@@ -287,6 +299,23 @@ def _exact_scan(r: MatrixRef, svd: SVD, g_mat: torch.Tensor, rank_fractions, sco
     delta = {rho: truncation_delta(svd, g_sigma, rank_for(rho, m, n)) for rho in rank_fractions}
     s = min(delta.values()) if score == "first_order" else -float(g_sigma.norm())
     return MatrixScan(r.name, r.layer, r.type, (m, n), g_sigma, delta, s)
+
+
+def _gram_scan(r: MatrixRef, g_mat: torch.Tensor, rank_fractions) -> MatrixScan:
+    """The first-order scan from the smaller Gram matrix's eigendecomposition (module docstring); float32
+    products (about 2× faster than the SVD on SmolLM2's and Qwen's shapes) summed in float64.
+    ``g_sigma`` is σᵢgᵢ / σᵢ (0 where σᵢ = 0): it only feeds the report's norm; the top-K are rescored."""
+    w, g = r.weight().detach().float(), g_mat.float()
+    m, n = w.shape
+    a, b = (w, g) if m <= n else (w.T, g.T)             # a (p, q), p ≤ q
+    lam, vecs = torch.linalg.eigh(a @ a.T)              # ascending σ²
+    lam, vecs = lam.flip(0).clamp_min(0).double(), vecs.flip(1)
+    sg = ((vecs.T @ (b @ a.T)) * vecs.T).sum(1).double()    # (p,) σᵢgᵢ = qᵢᵀ (G Wᵀ) qᵢ
+    sigma = lam.sqrt()
+    g_sigma = torch.where(sigma > 0, sg / sigma.clamp_min(torch.finfo(sigma.dtype).tiny), torch.zeros_like(sg))
+    delta = {rho: -float(sg[rank_for(rho, m, n):].sum()) for rho in rank_fractions}
+    return MatrixScan(r.name, r.layer, r.type, (m, n), g_sigma.float(), delta, min(delta.values()), exact=False,
+                      estimate="gram")
 
 
 def _sketchable(shape, rank_fractions) -> bool:
@@ -331,7 +360,7 @@ def _rescore(scans: list[MatrixScan], by_name: dict, grads: dict, rank_fractions
             return done
         for i in todo:
             r = by_name[scans[i].name]
-            svd = weight_svd(r.param, transposed=r.transposed, name=r.name)
+            svd = r.svd()
             scans[i] = _exact_scan(r, svd, grads[r.name], rank_fractions, score)
             svds[r.name] = svd
             done += 1

@@ -194,9 +194,10 @@ class SearchResult:
     row_passes_saved: int = 0                # row·layer passes the pruned candidates did not run
 
 
-PRUNE_MODES = ("exact", "race", "off")
+PRUNE_MODES = ("exact", "race", "halve", "off")
 RACE_DELTA = 0.01            # --prune race: one-sided McNemar p below which a candidate counts as beaten (per look)
 RACE_MIN_EXAMPLES = 20       # … and not before this many selection examples are scored
+HALVE_FRACTIONS = (0.25, 0.5, 1.0)   # --prune halve: selection rows scored by the end of each round (cumulative)
 
 
 def correct_count(result: dict) -> int:
@@ -285,6 +286,70 @@ class Racer(Pruner):
         return test
 
 
+def halving_rounds(scorer, fractions=HALVE_FRACTIONS) -> list[list[int]]:
+    """The batch indices each round of successive halving scores: round r runs the batches that bring the rows
+    scored so far to ``fractions[r]`` of all rows (at least one new batch a round; rounds that would add none
+    merge). One batch: one round, nothing to halve."""
+    total = sum(len(b.rows) for b in scorer.batches)
+    rounds, seen, at = [], 0, 0
+    for f in fractions:
+        now = []
+        while at < len(scorer.batches) and seen < f * total:
+            now.append(at)
+            seen += len(scorer.batches[at].rows)
+            at += 1
+        if now:
+            rounds.append(now)
+    return rounds
+
+
+def score_batches(scorer, c: Candidate, cache: PrefixCache | None, only: list[int]) -> list:
+    """The candidate swapped in, the (batch, row stats) pairs of the batches ``only`` (:meth:`Scorer.run`)."""
+    factorize_(scorer.model, [c.edit], factors={c.edit.matrix: candidate_factors(c)})
+    try:
+        return list(scorer.run(cache, start_layer=c.layer, within=c.edit.matrix, only=set(only)))
+    finally:
+        restore_(scorer.model, [c.edit.matrix])
+
+
+def halve(scorer, todo: list[Candidate], cache: PrefixCache | None, keep: int, rounds: list[list[int]],
+          on_result=None, progress: bool = False) -> None:
+    """Successive halving (``prune="halve"``; not exact). Every candidate is scored on the first round's
+    batches; the better half (correct answers on the examples scored so far, ties by their mean answer loss,
+    then by key), never fewer than ``keep``, goes on to the next round's batches, and so on; those left after
+    the last round are scored on every batch and get their full result, the others a pruned result
+    (:meth:`Scorer.pruned_result`, with ``"halved"``: the round they left after). Sets ``c.result`` and
+    ``c.seconds``; ``on_result(c)`` as each candidate's result is final. A candidate that leaves early might
+    have won on the rest of the rows: the plan can differ from unpruned scoring's (the confirm rule guards what
+    ships)."""
+    pairs: dict[str, list] = {c.key(): [] for c in todo}
+    alive = list(todo)
+    bar = tqdm(total=sum(len(r) for r in rounds) * len(todo), desc="search (halving)", disable=not progress,
+               leave=False)
+    for r, batches in enumerate(rounds):
+        for c in alive:
+            t = time.perf_counter()
+            pairs[c.key()] += score_batches(scorer, c, cache, batches)
+            c.seconds += time.perf_counter() - t
+            bar.update(len(batches))
+        if r == len(rounds) - 1:
+            break
+        standing = {c.key(): scorer.standing(pairs[c.key()]) for c in alive}
+        alive.sort(key=lambda c: (-standing[c.key()][1], standing[c.key()][2], c.key()))
+        n_next = max(keep, -(-len(alive) // 2))
+        for c in alive[n_next:]:
+            done, correct, _ = standing[c.key()]
+            c.result = {**scorer.pruned_result(done, correct, len(pairs[c.key()])), "halved": r}
+            if on_result is not None:
+                on_result(c)
+        alive = alive[:n_next]
+    bar.close()
+    for c in alive:
+        c.result = scorer.metrics(pairs[c.key()])
+        if on_result is not None:
+            on_result(c)
+
+
 def spearman(a: list[float], b: list[float]) -> float | None:
     """Spearman rank correlation (average ranks for ties); None when undefined."""
     if len(a) < 3:
@@ -348,6 +413,8 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
     ``prune="exact"`` stops a candidate's pass batch by batch once it cannot be among the best ``keep``
     (:class:`Pruner`); the order of evaluation, the plan and the best ``keep`` are those of ``prune="off"``.
     ``prune="race"`` also stops one that is already beaten with confidence (:class:`Racer`; not exact).
+    ``prune="halve"`` scores the candidates by successive halving over the selection rows (:func:`halve`; not
+    exact; one process).
     A pruned candidate's result is marked ``"pruned"`` (journaled like any other, left out of :func:`rank`);
     with ``prune="off"`` a pruned result in ``done`` is scored again. Not with ``dense`` or ``compose`` (the
     greedy composition reads candidates below the best ``keep``).
@@ -358,6 +425,8 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
         raise ValueError(f"prune must be one of {PRUNE_MODES}, got {prune!r}")
     if prune != "off" and (dense or compose):
         raise ValueError("pruning needs the factored search without --compose")
+    if prune == "halve" and distributed.size() > 1:
+        raise ValueError("successive halving runs in one process")
     pruner = Pruner(keep) if prune == "exact" else Racer(keep, base) if prune == "race" else None
     t0 = time.perf_counter()
     ordered = interleave(candidates) if order == "interleave" else list(candidates)
@@ -368,18 +437,9 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
     share = set(distributed.mine(len(todo)))          # every index in a single process
     local = {}
     rows, pruned_passes, row_passes = len(getattr(scorer, "examples", ())), 0.0, 0    # selection rows
-    for i, c in enumerate(tqdm(todo, desc="search", disable=not progress, leave=False)):
-        if done and c.key() in done and (pruner is not None or not done[c.key()].get("pruned")):
-            c.result = done[c.key()]
-            if pruner is not None:
-                pruner.add(c)
-            continue
-        if i in same or i not in share:
-            continue
-        t = time.perf_counter()
-        stop = {"stop": pruner.stop()} if pruner is not None else {}      # the unpruned call as it always was
-        c.result = evaluate_candidate(scorer, c, cache, dense=dense, **stop)
-        c.seconds = time.perf_counter() - t
+
+    def count(c: Candidate) -> None:          # the passes one new evaluation ran
+        nonlocal passes, pruned_passes, row_passes
         layers = n_layers - c.layer if cache is not None and not dense else n_layers
         if c.pruned:
             pruned_passes += layers * c.result["rows_scored"] / rows
@@ -387,11 +447,38 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
         else:
             passes += layers
             row_passes += layers * rows
+    fresh = []                                # --prune halve: the candidates left to score, in order
+    for i, c in enumerate(tqdm(todo, desc="search", disable=not progress or prune == "halve", leave=False)):
+        if done and c.key() in done and (pruner is not None or prune == "halve" or not done[c.key()].get("pruned")):
+            c.result = done[c.key()]
             if pruner is not None:
                 pruner.add(c)
+            continue
+        if i in same or i not in share:
+            continue
+        if prune == "halve":
+            fresh.append(c)
+            continue
+        t = time.perf_counter()
+        stop = {"stop": pruner.stop()} if pruner is not None else {}      # the unpruned call as it always was
+        c.result = evaluate_candidate(scorer, c, cache, dense=dense, **stop)
+        c.seconds = time.perf_counter() - t
+        count(c)
+        if pruner is not None and not c.pruned:
+            pruner.add(c)
         local[i] = (c.result, c.seconds)
         if on_result is not None and distributed.size() == 1:
             on_result(c)
+    while fresh:
+        try:
+            halve(scorer, fresh, cache, keep, halving_rounds(scorer), on_result, progress)
+            break
+        except torch.OutOfMemoryError as e:       # new batches: the halving starts again on them
+            scorer.halve_batches(e)
+            for c in fresh:
+                c.result, c.seconds = None, 0.0
+    for c in fresh:
+        count(c)
     if distributed.size() > 1:    # every rank gets every result; rank 0 journals them in single-process order
         every = distributed.gather(local)
         passes = sum(distributed.gather({distributed.rank(): passes}).values())
@@ -456,6 +543,8 @@ def prune_mode(cfg, task, n_confirm: int, min_confirm_rows: int) -> tuple[str, s
         why = "--compose tries candidates below the best few"
     elif cfg.dense_candidates:
         why = "dense candidates are scored in one pass"
+    elif cfg.prune == "halve" and distributed.size() > 1:
+        why = "successive halving runs in one process"
     elif task.kind == "generation":
         why = "generation tasks are scored by greedy decoding after the pass"
     elif (cfg.rule == "confirm" or cfg.compare_rules) and n_confirm < min_confirm_rows:

@@ -213,9 +213,10 @@ def test_search_on_smollm2_prunes_without_changing_the_plan(smollm2, data_dir):
     from c2i_fast.models import target_matrices
     sc = _scorer(smollm2, data_dir, "fever")
     model = smollm2.model
-    refs = [r for r in target_matrices(model) if r.layer in (27, 28) and r.type in ("mlp_down", "attn_o")]
+    refs = [r for r in target_matrices(model) if r.layer in (27, 28) and r.type in ("mlp_out", "o")]
     cands = [Candidate(Edit(r.name, rho), r.layer, -rho, full_svd(r.weight()))
              for r in refs for rho in (0.9, 0.3, 0.05, 0.01)]
+    assert len(cands) == 16
     n_layers = len(decoder_layers(model))
     cache = PrefixCache()
     base = sc.evaluate(cache, capture={27, 28})

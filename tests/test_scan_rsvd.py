@@ -9,6 +9,7 @@ import torch
 import c2i_fast.scan as scan_mod
 from c2i_fast.decompose import full_svd
 from c2i_fast.errors import C2IError
+from c2i_fast.svd import weight_svd
 
 
 @dataclass
@@ -29,6 +30,9 @@ class Ref:
 
     def weight(self):
         return self.w
+
+    def svd(self):
+        return weight_svd(self.param, transposed=self.transposed, name=self.name)
 
 
 def _matrix(m, n, decay, seed):
@@ -56,6 +60,33 @@ def test_randomized_delta_agrees_with_the_full_svd():
         for rho in grid:
             assert approx[r.name].delta[rho] == pytest.approx(exact.delta[rho], rel=1e-3, abs=1e-3), (r.name, rho)
         assert not approx[r.name].exact and approx[r.name].summary()["svd"] == "randomized"
+
+
+@pytest.mark.parametrize("shape", [(96, 160), (160, 96), (77, 77), (5, 300)])
+def test_gram_delta_is_the_full_svds_up_to_round_off(shape):
+    """Every ρ of the default grid, wide, tall, square and a rank-deficient matrix (a zero singular value): the
+    Gram scan's ΔL̂ (float32 products) against a float64 SVD reference, relative to the scale of the σᵢgᵢ."""
+    grid = [0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01]
+    gen = torch.Generator().manual_seed(sum(shape))
+    for deficient in (False, True):
+        w = _matrix(*shape, 0.05, sum(shape))
+        if deficient:
+            w[:, 0] = 0.0
+            w[0] = w[1]
+        g = torch.randn(shape, generator=gen)
+        r = Ref("m", 0, "mlp_up", w)
+        est = scan_mod._gram_scan(r, g, grid)
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        sg = s * ((u.T @ g.double()) * vh).sum(1)                       # σᵢ gᵢ, float64
+        scale = float(sg.abs().sum())
+        for rho in grid:
+            ref = -float(sg[scan_mod.rank_for(rho, *shape):].sum())
+            full32 = scan_mod._exact_scan(r, full_svd(w), g, grid, "first_order").delta[rho]
+            # float32 round-off, as the float32 SVD's own (up to 3e-6 of the scale on these matrices)
+            assert abs(est.delta[rho] - ref) <= 5e-6 * scale, (shape, deficient, rho)
+            assert abs(full32 - ref) <= 5e-6 * scale
+        assert est.score == min(est.delta.values()) and not est.exact and est.summary()["svd"] == "gram"
+        assert torch.isfinite(est.g_sigma).all()
 
 
 def test_rescoring_makes_the_top_k_exact():
@@ -88,9 +119,31 @@ def test_randomized_scan_of_smollm2_keeps_the_top_k(smollm2, data_dir):
     sc = Scorer(smollm2.model, smollm2.tokenizer, split(task, 24, 8, seed=0)["select"], task.kind)
     refs = target_matrices(smollm2.model)
     grid = [0.1, 0.05, 0.01]
-    full = scan_mod.scan(sc, refs, grid, 5, progress=False)
+    full = scan_mod.scan(sc, refs, grid, 5, progress=False, svd="full")
     fast = scan_mod.scan(sc, refs, grid, 5, progress=False, svd="randomized")
     assert [m.summary() for m in fast.top(5)] == [m.summary() for m in full.top(5)]
     assert all(torch.equal(a.svd.s, b.svd.s) for a, b in zip(fast.top(5), full.top(5)))
     assert fast.svds["randomized"] == len(refs) and fast.svds["full_redone"] >= 5
     assert full.svds == {"mode": "full", "full": len(refs), "randomized": 0, "full_redone": 0}
+
+
+def test_gram_scan_of_smollm2_keeps_the_top_k(smollm2, data_dir):
+    """FEVER, 24 rows, the default ρ grid: the Gram scan ranks every matrix as the full SVDs do (all 210 in the
+    same order; the top-5 bit-identical: a full SVD redone) with 2 × top-K full SVDs instead of one per matrix."""
+    from c2i_fast.evaluate import Scorer
+    from c2i_fast.models import target_matrices
+    from c2i_fast.search import DEFAULT_RANK_FRACTIONS
+    from c2i_fast.tasks import check_tokenization, load_task, split
+    task = check_tokenization(load_task("fever", data_dir), smollm2.tokenizer)
+    sc = Scorer(smollm2.model, smollm2.tokenizer, split(task, 24, 8, seed=0)["select"], task.kind)
+    refs = target_matrices(smollm2.model)
+    grid = list(DEFAULT_RANK_FRACTIONS)
+    full = scan_mod.scan(sc, refs, grid, 5, progress=False, svd="full")
+    gram = scan_mod.scan(sc, refs, grid, 5, progress=False, svd="gram")
+    assert [m.summary() for m in gram.top(5)] == [m.summary() for m in full.top(5)]
+    assert all(torch.equal(a.svd.s, b.svd.s) for a, b in zip(gram.top(5), full.top(5)))
+    assert [m.name for m in gram.matrices] == [m.name for m in full.matrices]
+    exact = {m.name: m.score for m in full.matrices}
+    scale = max(abs(v) for v in exact.values())
+    assert all(abs(m.score - exact[m.name]) <= 1e-4 * scale for m in gram.matrices)
+    assert gram.svds == {"mode": "gram", "full": 0, "gram": len(refs), "full_redone": 10}
