@@ -18,10 +18,14 @@ every variant pays its own scan (no SVD is shared between variants):
 - ``halve``: ``--prune halve --no-metrics-cache``: successive halving (every candidate on a quarter of the
   rows, the better half on the next quarter, the better half of those on the rest), against ``none``;
 - ``gram``: as ``none`` with ``--scan-svd gram`` (the scan's scores from Gram eigendecompositions, a full SVD
-  for the best 2 × top-K only); ``fast``: ``halve`` and ``gram`` together (a first run, no cache).
+  for the best 2 × top-K only); ``fast``: ``halve`` and ``gram`` together (a first run, no cache);
+- ``defaults``: ``c2i adapt``'s defaults as they are now (exact pruning, Gram scan, a cold metrics cache).
 
 Every variant but ``gram`` and ``fast`` runs ``--scan-svd full`` (the default before ``gram``), so the units
 of earlier commits stay comparable.
+
+OpenMP's wait policy is chosen as ``c2i adapt`` chooses it (c2i_fast.openmp: spin on idle cores, PASSIVE beside
+other work) and recorded in each unit (``omp_wait_policy``; units without it ran PASSIVE).
 
 A unit is ``<out>/<task>/<variant>.json``, written atomically when it finishes and skipped when present (a
 killed run resumes; ``cache`` and ``race`` rerun ``exact``'s cold run first when its cache folder is gone, so
@@ -45,7 +49,10 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from c2i_fast.openmp import choose_wait_policy, threads_in  # no torch import
+
+# as `c2i adapt` chooses it (before torch loads): the units time what a user's run does on this machine
+WAIT_POLICY = choose_wait_policy(threads_in(sys.argv[1:]) or 2)
 
 from c2i_fast.io import atomic_write_text, device_name, versions  # noqa: E402
 
@@ -73,6 +80,7 @@ VARIANTS = {
     "halve": Variant("halve", False, None, None),
     "gram": Variant("off", False, None, None, "gram"),
     "fast": Variant("halve", False, None, None, "gram"),
+    "defaults": Variant("exact", True, "cold", None, "gram"),
 }
 PHASES = ("scan_gradient", "scan_svd", "candidates", "select_base", "search", "confirm", "test_base",
           "test_adapted")
@@ -83,6 +91,7 @@ def unit_from_report(rep: dict, seconds: float) -> dict:
     s, dec = rep["search"], rep["decision"]
     return {
         "seconds": round(seconds, 1), "batch_tokens": rep["config"].get("batch_tokens"),
+        "test_size": rep["task"].get("n_test"), "omp_wait_policy": WAIT_POLICY,
         "timings": {k: rep["timings"].get(k) for k in PHASES if k in rep["timings"]},
         "top_k": [m["matrix"] for m in rep["scan"]["matrices"][:rep["config"]["top_k"]]],
         "search": {k: s.get(k) for k in ("n_candidates", "n_evaluated", "n_same_factors", "prune", "pruned",
@@ -109,6 +118,7 @@ def run_variant(args, task: str, variant: str, lm, cache_dir: Path) -> dict:
         t0 = time.perf_counter()
         rep = adapt(AdaptConfig(model=args.model, task=task, out=str(work / "run"), prune=v.prune,
                                 metrics_cache=v.metrics_cache, scan_svd=v.scan_svd, threads=args.threads, seed=args.seed,
+                                test_size=args.test_size,
                                 progress=not args.quiet, **extra), lm=lm)
         return unit_from_report(rep, time.perf_counter() - t0)
     finally:
@@ -121,8 +131,8 @@ def run_variant(args, task: str, variant: str, lm, cache_dir: Path) -> dict:
 
 def summarize(out: Path) -> str:
     """The markdown table of every unit in ``out``, each variant against its task's ``none``."""
-    rows = ["| task | variant | wall s | search s | base passes s | row-passes | saved | pruned | plan "
-            "| same best 3 | shipped | held-out |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| task | variant | wall s | search s | scan SVD s | base passes s | row-passes | saved | pruned | plan "
+            "| same best 3 | shipped | held-out |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for task_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         units = {v: json.loads((task_dir / f"{v}.json").read_text()) for v in VARIANTS
                  if (task_dir / f"{v}.json").is_file()}
@@ -135,7 +145,8 @@ def summarize(out: Path) -> str:
             same = "—" if ref is None or v == "none" else ("yes" if u["selection_best"] == ref["selection_best"]
                                                            else "**no**")
             ho = u["held_out"]
-            rows.append(f"| {task_dir.name} | {v} | {u['seconds']:.0f} | {t.get('search', 0):.0f} | {base_s:.0f} "
+            rows.append(f"| {task_dir.name} | {v} | {u['seconds']:.0f} | {t.get('search', 0):.0f} "
+                        f"| {t.get('scan_svd', 0):.0f} | {base_s:.0f} "
                         f"| {s['row_passes']} | {s.get('row_passes_saved') or 0} | {s.get('pruned') or 0} "
                         f"| {plan} | {same} | {'yes' if u['shipped'] else 'no'} "
                         f"| {100 * ho['base']:.1f}% → {100 * ho['adapted']:.1f}% |")
@@ -150,6 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--test-size", type=int, default=500, help="held-out rows (c2i adapt's default: 500)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--summary", action="store_true", help="only print the table of --out")
     args = ap.parse_args(argv)

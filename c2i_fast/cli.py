@@ -173,9 +173,12 @@ def _finish(rep: dict, out: str, no_report: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     import os
-    # Before torch loads: OpenMP busy-waiting makes LAPACK (SVD/QR) up to 100x slower when the cores are shared.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+    from .openmp import choose_wait_policy, threads_in
     argv = list(sys.argv[1:] if argv is None else argv)
+    # before torch loads (build_parser imports it): spinning OpenMP threads are fast on free cores, many times
+    # slower on shared ones
+    choose_wait_policy(threads_in(argv))
     args = build_parser().parse_args(argv)
     if getattr(args, "nproc", 1) > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return _launch(argv, args.nproc)

@@ -15,7 +15,7 @@ def _report(prune="exact", pruned=0, saved=0, best=("model.layers.28.mlp.up_proj
     confirmed = [{"matrix": m, "rank_fraction": 0.2, "n_clusters": 8, "method": "block", "accuracy": 0.1}
                  for m in best]
     plan = [{k: confirmed[0][k] for k in ("matrix", "rank_fraction", "n_clusters", "method")}] if shipped else []
-    return {"config": {"top_k": 2, "batch_tokens": 4096},
+    return {"config": {"top_k": 2, "batch_tokens": 4096}, "task": {"name": "fever", "n_test": 500},
             "timings": {"scan_gradient": 20.0, "scan_svd": 10.0, "search": 40.0, "test_base": 9.0, "total": 99.0},
             "scan": {"matrices": [{"matrix": "model.layers.28.mlp.up_proj"}, {"matrix": "model.layers.11.mlp.down_proj"},
                                   {"matrix": "model.layers.3.self_attn.q_proj"}]},
@@ -35,6 +35,7 @@ def test_a_unit_keeps_the_top_k_the_savings_and_the_plan(levers):
     assert u["plan"][0]["matrix"] == "model.layers.28.mlp.up_proj" and u["shipped"]
     assert u["held_out"] == {"base": 0.056, "adapted": 0.08, "paired": {"fixed": 12, "broken": 2}}
     assert "total" not in u["timings"] and u["timings"]["search"] == 40.0 and u["batch_tokens"] == 4096
+    assert u["test_size"] == 500
 
 
 def test_warm_variants_follow_a_filled_cache_and_units_resume(levers, tmp_path, monkeypatch):

@@ -1,0 +1,65 @@
+"""OpenMP's idle-thread policy, chosen before torch loads (libgomp reads ``OMP_WAIT_POLICY`` once, at load).
+
+Between two parallel regions libgomp's threads spin for a while (its default) or sleep (``PASSIVE``). On free
+cores spinning is faster: the many small LAPACK calls of the scan and the candidate factorizations (eigh, SVD
+of a 576-row matrix) each wake every thread. On cores another job is using, spinning threads take the cores
+from the threads with work, and those same calls become many times slower. Measured on the 2-core CPU here
+(a reduced CounterFact ``c2i adapt`` of SmolLM2, docs/results.md "OpenMP's wait policy"): 29–34 s spinning vs
+69 s PASSIVE on an idle machine; 428–488 s spinning vs 69 s PASSIVE beside another 2-thread job. So: spin
+when the cores our threads need are idle, PASSIVE when they are not. No torch import here.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+BUSY_MARGIN = 0.5      # spin while idle cores (CPUs − busy_cpus) ≥ our threads − this
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def busy_cpus(cpus: int) -> float:
+    """How many CPUs other work keeps busy: the larger of the 1-minute load average (it lags a job that just
+    started) and the tasks runnable right now besides this one (Linux /proc/loadavg). ``cpus`` (all busy)
+    where neither can be read: the cautious answer."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return float(cpus)
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+        load = max(load, running - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return load
+
+
+def choose_wait_policy(threads: int | None = None) -> str:
+    """Set ``OMP_WAIT_POLICY`` unless the user did, and return the policy in force ("default": libgomp's own,
+    which spins a while). PASSIVE when the idle cores (CPUs minus :func:`busy_cpus`) are fewer than ``threads``
+    (default: every usable CPU) minus BUSY_MARGIN. Two runs started in the same instant on idle cores can both
+    choose to spin: set ``OMP_WAIT_POLICY=PASSIVE`` for runs meant to share cores. Call before torch loads."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return os.environ["OMP_WAIT_POLICY"]
+    cpus = usable_cpus()
+    load = busy_cpus(cpus)
+    if cpus - load < (threads or cpus) - BUSY_MARGIN:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        return "PASSIVE"
+    return "default"
+
+
+def threads_in(argv: list[str]) -> int | None:
+    """The ``--threads N`` of a command line, parsed without the full parser (whose defaults import torch);
+    None when absent or not a positive integer (the full parser reports a bad value)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--threads")
+    value = pre.parse_known_args(argv)[0].threads
+    return int(value) if value and value.isdigit() and int(value) > 0 else None
