@@ -270,10 +270,12 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
         svds[r.name] = svd_r
     if svd == "randomized":
         scans += _randomized_scans(sketched, grads, rank_fractions)
+    n_estimated = len(sketched)      # scored by the Gram / randomized estimate
     if distributed.size() > 1:       # every rank gets every matrix's scan; the top-K SVDs are redone locally
         every = distributed.gather({ms.name: ms for ms in scans})
         skipped = {k: v for part in distributed.gather({distributed.rank(): skipped}).values()
                    for k, v in part.items()}
+        n_estimated = sum(distributed.gather({distributed.rank(): len(sketched)}).values())
         scans = [every[r.name] for r in refs if r.name in every]
     scans.sort(key=lambda x: (x.score, x.name))
     by_name = {r.name: r for r in refs}
@@ -288,8 +290,8 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
     t2 = time.perf_counter()
     if not scans:
         raise C2IError("no matrix could be scanned: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-    counts = {"mode": svd, "full": len(refs) - len(sketched) - len(skipped), "full_redone": redone,
-              "gram" if svd == "gram" else "randomized": len(sketched)}
+    counts = {"mode": svd, "full": len(refs) - n_estimated - len(skipped), "full_redone": redone,
+              "gram" if svd == "gram" else "randomized": n_estimated}
     return ScanResult(scans, loss, loss_kind, score, {"gradient": t1 - t0, "svd": t2 - t1}, skipped, base, counts)
 
 
