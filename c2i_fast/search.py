@@ -324,8 +324,11 @@ def halve(scorer, todo: list[Candidate], cache: PrefixCache | None, keep: int, r
     ships)."""
     pairs: dict[str, list] = {c.key(): [] for c in todo}
     alive = list(todo)
-    bar = tqdm(total=sum(len(r) for r in rounds) * len(todo), desc="search (halving)", disable=not progress,
-               leave=False)
+    field, batch_passes = len(todo), 0        # the bar counts candidate-batches: this many will run
+    for batches in rounds:
+        batch_passes += field * len(batches)
+        field = min(field, max(keep, -(-field // 2)))
+    bar = tqdm(total=batch_passes, desc="search (halving)", disable=not progress, leave=False)
     for r, batches in enumerate(rounds):
         for c in alive:
             t = time.perf_counter()
