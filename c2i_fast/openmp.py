@@ -4,9 +4,9 @@ Between two parallel regions libgomp's threads spin for a while (its default) or
 cores spinning is faster: the many small LAPACK calls of the scan and the candidate factorizations (eigh, SVD
 of a 576-row matrix) each wake every thread. On cores another job is using, spinning threads take the cores
 from the threads with work, and those same calls become many times slower. Measured on the 2-core CPU here
-(a reduced CounterFact ``c2i adapt`` of SmolLM2, docs/results.md "OpenMP's wait policy"): 29–34 s spinning vs
-69 s PASSIVE on an idle machine; 428–488 s spinning vs 69 s PASSIVE beside another 2-thread job. So: spin
-when the cores our threads need are idle, PASSIVE when they are not. No torch import here.
+(a reduced CounterFact ``c2i adapt`` of SmolLM2, bench/bench_wait_policy.py, docs/results.md "OpenMP's wait
+policy"): 47.3 s spinning vs 64.1 s PASSIVE on idle cores; 236.9 s spinning vs 73.0 s PASSIVE beside another
+2-thread job. So: spin when the cores our threads need are idle, PASSIVE when they are not. No torch import.
 """
 from __future__ import annotations
 

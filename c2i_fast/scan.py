@@ -22,8 +22,8 @@ randomized estimate, and of any matrix that reaches the top-K after that, are re
 top-K are ranked and scored, and their candidates built, exactly as with ``full``; a matrix whose estimate is
 off by more than the margin between the K-th and the RESCORE·K-th could still be missed (tests/test_scan_rsvd).
 ``gram`` needs no SVD to score: with W (m, n), m ≤ n, and WWᵀ = UΣ²Uᵀ (a symmetric eigendecomposition of the
-smaller Gram matrix, float32 like the SVDs), vᵢ = Wᵀuᵢ/σᵢ, so σᵢgᵢ = σᵢ uᵢᵀGvᵢ = uᵢᵀ(GWᵀ)uᵢ: every σᵢgᵢ without a division
-(m > n: WᵀW = VΣ²Vᵀ and σᵢgᵢ = vᵢᵀ(WᵀG)vᵢ). ΔL̂(ρ) is a sum of them, so every score is the full SVD's up to
+smaller Gram matrix, float32 like the SVDs), vᵢ = Wᵀuᵢ/σᵢ, so σᵢgᵢ = σᵢ uᵢᵀGvᵢ = uᵢᵀ(GWᵀ)uᵢ: every σᵢgᵢ
+without a division (m > n: WᵀW = VΣ²Vᵀ and σᵢgᵢ = vᵢᵀ(WᵀG)vᵢ). ΔL̂(ρ) is a sum of them, so every score is the full SVD's up to
 round-off; the top RESCORE·K are rescored from a full SVD as above (their candidates need its factors).
 """
 from __future__ import annotations
