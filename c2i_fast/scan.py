@@ -245,18 +245,13 @@ def scan(scorer: Scorer, refs: list[MatrixRef], rank_fractions: list[float], top
         if bad:
             # A NaN gradient would poison every score; skip the matrix and say so in the report.
             skipped[r.name] = f"gradient has {bad} non-finite entries"
-        elif svd == "gram" and score == "first_order":
+        elif score == "first_order" and (svd == "gram" or svd == "randomized" and _sketchable(r.shape, rank_fractions)):
             if count_nonfinite(r.weight().detach().float()):
                 skipped[r.name] = f"matrix {r.name!r} has NaN/Inf entries; cannot take its SVD"
             else:
-                scans.append(_gram_scan(r, g_mat, rank_fractions))
-                sketched.append(r)
-                continue
-        elif svd == "randomized" and score == "first_order" and _sketchable(r.shape, rank_fractions):
-            if count_nonfinite(r.weight().detach().float()):
-                skipped[r.name] = f"matrix {r.name!r} has NaN/Inf entries; cannot take its SVD"
-            else:
-                sketched.append(r)          # decomposed below, with the matrices of its shape
+                if svd == "gram":
+                    scans.append(_gram_scan(r, g_mat, rank_fractions))
+                sketched.append(r)          # randomized: decomposed below, with the matrices of its shape
                 continue
         else:
             try:   # full_svd already falls back to other drivers and float64; NaN/Inf weights cannot be helped
