@@ -344,15 +344,11 @@ class Scorer:
     def _evaluate(self, cache, start_layer, capture, generate, within=None, stop=None) -> dict:
         if stop is None or not self.can_stop_early():
             return self.metrics(self.run(cache, start_layer, capture, within=within), generate)
-        pairs, outcomes, rows_left = [], {}, self.rows_per_example()
+        pairs, outcomes = [], {}
         for b, stats in self.run(cache, start_layer, capture, within=within):
             pairs.append((b, stats))
-            for r in b.rows:
-                rows_left[r.example] -= 1
-            done = [e for e, left in enumerate(rows_left) if left == 0 and e not in outcomes]
-            if done:
-                per = self._per_example(pairs)
-                outcomes.update((e, self.example_correct(per[e], self.examples[e])) for e in done)
+            outcomes.update((e, self.example_correct(d, self.examples[e]))
+                            for e, d in self.complete_examples(pairs).items() if e not in outcomes)
             correct = sum(outcomes.values())
             if len(outcomes) < len(self.examples) and stop(correct, len(self.examples) - len(outcomes), outcomes):
                 return self.pruned_result(len(outcomes), correct, len(pairs))
@@ -377,17 +373,21 @@ class Scorer:
             return int(sc.argmax()) == ex.label
         return bool(d["greedy"])
 
+    def complete_examples(self, pairs) -> dict[int, dict]:
+        """The :meth:`_per_example` entries of the examples whose rows all lie in ``pairs`` ((batch, row stats)
+        pairs covering some batches): an example spread over rows in batches not yet run is not complete."""
+        left = self.rows_per_example()
+        for b, _ in pairs:
+            for r in b.rows:
+                left[r.example] -= 1
+        return {e: d for e, d in self._per_example(pairs).items() if left[e] == 0}
+
     def standing(self, pairs) -> tuple[int, int, float]:
         """(examples complete, correct among them, their mean answer loss) from (batch, row stats) pairs that
         cover some batches (:meth:`run` with ``only``): how a candidate stands on the rows scored so far
         (successive halving, :func:`c2i_fast.search.search`). An example spread over rows in batches not yet
         run is not complete."""
-        left = self.rows_per_example()
-        for b, _ in pairs:
-            for r in b.rows:
-                left[r.example] -= 1
-        per = self._per_example(pairs)
-        done = {e: per[e] for e in per if left[e] == 0}
+        done = self.complete_examples(pairs)
         if not done:
             return 0, 0, 0.0
         correct = sum(self.example_correct(d, self.examples[e]) for e, d in done.items())
