@@ -1,0 +1,50 @@
+"""bench/bench_selection.py without a model: a folder's settings guard (a unit made with other settings, e.g.
+another --prune, is never mixed in), the resume that skips finished units, and the summary over draws."""
+import json
+
+import pytest
+
+
+def _unit(task: str, draw: int, delta: float, fixed: int, broken: int, shipped: bool) -> dict:
+    held = {"base_accuracy": 0.5, "accuracy": 0.5 + delta, "majority": None, "n": 500, "fixed": fixed,
+            "broken": broken, "difference": delta, "ci95": None, "p_two_sided": 0.01 if delta else 1.0,
+            "changed": (fixed + broken) / 500, "log_loss_base": 1.0, "log_loss": 1.0}
+    return {"task": task, "draw": draw, "rules": {
+        "confirm": {"plan": [], "shipped": shipped, "reason": "", "changed": None, "held_out": held},
+        "paper": {"plan": [], "shipped": True, "reason": "", "changed": None,
+                  "held_out": {**held, "difference": -0.02, "fixed": 3, "broken": 13, "p_two_sided": 0.02}}}}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A folder as a run before --prune existed left it: settings without "prune", two finished draws."""
+    out = tmp_path / "sel"
+    (out / "fever").mkdir(parents=True)
+    settings = {"samples": 100, "confirm_size": 200, "test_size": 500, "top_k": 5, "max_evals": 48, "seed": 0,
+                "draws": 2, "laser_layers": None, "laser_tasks": None}
+    (out / "meta.json").write_text(json.dumps({"model": "smollm2", "settings": settings, "runs": []}))
+    (out / "fever" / "draw0.json").write_text(json.dumps(_unit("fever", 0, 0.04, 30, 10, True)))
+    (out / "fever" / "draw1.json").write_text(json.dumps(_unit("fever", 1, 0.0, 0, 0, False)))
+    return out
+
+
+def test_other_prune_setting_is_refused_and_nothing_is_written(folder, import_bench, capsys):
+    bs = import_bench("bench_selection")
+    before = (folder / "meta.json").read_text()
+    assert bs.main(["--tasks", "fever", "--draws", "2", "--prune", "halve", "--out", str(folder)]) == 2
+    assert "use another --out" in capsys.readouterr().err
+    assert (folder / "meta.json").read_text() == before and not (folder / "summary.json").exists()
+
+
+def test_default_prune_resumes_an_older_folder_and_summarizes(folder, import_bench):
+    bs = import_bench("bench_selection")
+    # both draws exist: nothing to run, so no model is loaded; the run is appended to the folder's history
+    assert bs.main(["--tasks", "fever", "--draws", "2", "--out", str(folder), "--quiet"]) == 0
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["settings"]["prune"] == "exact" and len(meta["runs"]) == 1
+    s = json.loads((folder / "summary.json").read_text())["tasks"]["fever"]
+    assert s["confirm"]["delta"] == [0.04, 0.0] and s["confirm"]["shipped"] == 1
+    assert s["confirm"]["mean_delta"] == pytest.approx(0.02) and s["confirm"]["worse"] == 0
+    assert s["paper"]["worse"] == 2 and s["paper"]["fixed"] == [3, 3]
+    table = bs.markdown(json.loads((folder / "summary.json").read_text()))
+    assert "| smollm2 | fever | **confirm** | 2 of 2 | 1 | +4.0, 0 | +2.00 | 30 / 10, 0 / 0 |" in table
