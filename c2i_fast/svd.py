@@ -126,10 +126,11 @@ _MEMO_DEPTH = 0
 
 @contextlib.contextmanager
 def remembered_svds():
-    """Within this block :func:`weight_svd` keeps every weight's SVD, so a second scan of the same model in the
-    same process (``--draws``, the units of a bench, a notebook session, the tests) skips the SVD phase. The
-    memo holds U and V of each scanned matrix (about 1-2x the model's fp32 size; the scan holds as much while
-    it runs) and is emptied when the outermost block exits; an entry also goes when its weight is freed."""
+    """Within this block :func:`weight_svd` keeps every weight's SVD (and :func:`weight_gram_eigh` its Gram
+    eigendecomposition), so a second scan of the same model in the same process (``--draws``, the units of a
+    bench, a notebook session, the tests) skips the SVD phase. The memo holds U and V of each matrix given a full
+    SVD (about 1-2x the model's fp32 size; the scan holds as much while it runs) and Q of each Gram (p² floats,
+    p = min(m, n)) and is emptied when the outermost block exits; an entry also goes when its weight is freed."""
     global _MEMO_DEPTH
     _MEMO_DEPTH += 1
     try:
@@ -148,21 +149,40 @@ def _stamp(param: Tensor) -> tuple:
     return (param._version, torch.get_num_threads(), float(w.sum()), float((w * w).sum()))
 
 
+def _remembered(param: Tensor, what: tuple, compute):
+    """``compute()``, or inside :func:`remembered_svds` what it gave before for this very tensor (``what`` names
+    the decomposition) when the tensor has not changed since."""
+    if not _MEMO_DEPTH:
+        return compute()
+    key, stamp = (id(param), *what), _stamp(param)
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    value = compute()
+    if hit is None:                        # id() is reused once the tensor dies: drop its entry then
+        weakref.finalize(param, _MEMO.pop, key, None)
+    _MEMO[key] = (stamp, value)
+    return value
+
+
 def weight_svd(param: Tensor, *, transposed: bool = False, name: str | None = None) -> SVD:
     """:func:`full_svd` of ``param`` (of ``param.T`` when ``transposed``: a Conv1D weight stored (in, out)); inside
     :func:`remembered_svds`, the SVD computed before for this very tensor when it has not changed since."""
     w = param.T if transposed else param
-    if not _MEMO_DEPTH:
-        return full_svd(w, name=name)
-    key, stamp = (id(param), transposed), _stamp(param)
-    hit = _MEMO.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    svd = full_svd(w, name=name)
-    if hit is None:                        # id() is reused once the tensor dies: drop its entry then
-        weakref.finalize(param, _MEMO.pop, key, None)
-    _MEMO[key] = (stamp, svd)
-    return svd
+    return _remembered(param, ("svd", transposed), lambda: full_svd(w, name=name))
+
+
+def weight_gram_eigh(param: Tensor, *, transposed: bool = False) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of the smaller Gram matrix of W = ``param`` (``param.T`` when ``transposed``), (m, n):
+    A Aᵀ = Q diag(λ) Qᵀ with A = W if m ≤ n else Wᵀ, so λ = σ² and Q = U (m ≤ n) or V. Returns λ (p,) float64,
+    descending, clamped at 0, and Q (p, p) float32, p = min(m, n). float32 products (the scan's Gram estimate,
+    :func:`c2i_fast.scan._gram_scan`); remembered like :func:`weight_svd` inside :func:`remembered_svds`."""
+    def compute():
+        w = (param.T if transposed else param).detach().float()
+        a = w if w.shape[0] <= w.shape[1] else w.T
+        lam, vecs = torch.linalg.eigh(a @ a.T)          # ascending
+        return lam.flip(0).clamp_min(0).double(), vecs.flip(1)
+    return _remembered(param, ("gram", transposed), compute)
 
 
 def rank_for(rho: float, rows: int, cols: int) -> int:

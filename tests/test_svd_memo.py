@@ -1,6 +1,6 @@
-"""SVDs remembered across scans in one process (c2i_fast.svd.remembered_svds / weight_svd): reused only for the
-very tensor, unchanged, at the same thread count; recomputed after any change, even one written past the version
-counter; dropped when the block exits or the weight is freed."""
+"""SVDs and Gram eigendecompositions remembered across scans in one process (c2i_fast.svd.remembered_svds /
+weight_svd / weight_gram_eigh): reused only for the very tensor, unchanged, at the same thread count; recomputed
+after any change, even one written past the version counter; dropped when the block exits or the weight is freed."""
 import gc
 from types import SimpleNamespace
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import c2i_fast.svd as svd_mod
-from c2i_fast.svd import full_svd, remembered_svds, weight_svd
+from c2i_fast.svd import full_svd, remembered_svds, weight_gram_eigh, weight_svd
 
 
 @pytest.fixture(autouse=True)
@@ -90,15 +90,44 @@ def test_an_entry_goes_with_its_weight():
         assert not svd_mod._MEMO                            # its id() may now be reused by another tensor
 
 
-def test_a_second_scan_of_the_model_takes_no_svd(monkeypatch):
-    """Two scans of a tiny random Llama (mechanics only): the same scores, the SVDs computed once."""
+def _counting_eigh(monkeypatch):
+    calls = []
+    real = torch.linalg.eigh
+
+    def counted(a, *args, **kw):
+        calls.append(tuple(a.shape))
+        return real(a, *args, **kw)
+    monkeypatch.setattr(torch.linalg, "eigh", counted)
+    return calls
+
+
+@pytest.mark.parametrize("shape", [(5, 9), (9, 5)])
+def test_gram_eigh_is_remembered_and_is_the_squared_singular_values(monkeypatch, shape):
+    calls = _counting_eigh(monkeypatch)
+    p = torch.nn.Parameter(torch.randn(*shape, generator=torch.Generator().manual_seed(3)))
+    with remembered_svds():
+        lam, q = weight_gram_eigh(p)
+        assert weight_gram_eigh(p)[1] is q and len(calls) == 1
+        lt, _ = weight_gram_eigh(p, transposed=True)        # Wᵀ: the same smaller Gram, its own entry
+        assert len(calls) == 2 and torch.equal(lt, lam)
+        assert weight_svd(p).s.shape == (5,)               # the SVD has its own entry too
+        with torch.no_grad():
+            p.mul_(3.0)
+        lam3, _ = weight_gram_eigh(p)
+        assert len(calls) == 3 and torch.allclose(lam3, 9 * lam, rtol=1e-5)
+    assert not svd_mod._MEMO
+    s64 = torch.linalg.svdvals(p.detach().double()) / 3
+    assert lam.shape == (5,) and q.shape == (5, 5) and torch.all(lam[:-1] >= lam[1:])
+    assert torch.allclose(lam, s64 ** 2, rtol=1e-4, atol=1e-5)
+
+
+def _tiny_llama():
+    """A tiny random Llama (mechanics only), its target matrices, and a factory of Scorers on 6 yes/no rows."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from c2i_fast.evaluate import Scorer
     from c2i_fast.models import target_matrices
-    from c2i_fast.scan import scan
     from c2i_fast.tasks import Example
-    calls = _counting(monkeypatch)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
@@ -111,9 +140,30 @@ def test_a_second_scan_of_the_model_takes_no_svd(monkeypatch):
     exs = [Example(id=str(i), prompt=f"q{i} is", target=" yes" if i % 2 else " no", choices=(" yes", " no"),
                    label=0 if i % 2 else 1) for i in range(6)]
     refs = target_matrices(model)
+    return model, refs, lambda: Scorer(model, Tok(), exs, "classification")
+
+
+def test_a_second_scan_of_the_model_takes_no_svd(monkeypatch):
+    """Two scans of a tiny random Llama (mechanics only): the same scores, the SVDs computed once."""
+    from c2i_fast.scan import scan
+    model, refs, scorer = _tiny_llama()
+    calls = _counting(monkeypatch)
     with remembered_svds():
-        first = scan(Scorer(model, Tok(), exs, "classification"), refs, [0.5, 0.1], 2, progress=False, svd="full")
+        first = scan(scorer(), refs, [0.5, 0.1], 2, progress=False, svd="full")
         n = len(calls)
-        second = scan(Scorer(model, Tok(), exs, "classification"), refs, [0.5, 0.1], 2, progress=False, svd="full")
+        second = scan(scorer(), refs, [0.5, 0.1], 2, progress=False, svd="full")
     assert n == len(refs) and len(calls) == n               # the second scan took none
     assert [(m.name, m.score) for m in first.matrices] == [(m.name, m.score) for m in second.matrices]
+
+
+def test_a_second_gram_scan_takes_no_eigendecomposition(monkeypatch):
+    """The default (Gram) scan, twice in a block: the same scores bit for bit, every Gram decomposed once."""
+    from c2i_fast.scan import scan
+    model, refs, scorer = _tiny_llama()
+    calls = _counting_eigh(monkeypatch)
+    with remembered_svds():
+        first = scan(scorer(), refs, [0.5, 0.1], 2, progress=False, svd="gram")
+        n = len(calls)
+        second = scan(scorer(), refs, [0.5, 0.1], 2, progress=False, svd="gram")
+    assert n == len(refs) and len(calls) == n
+    assert [m.summary() for m in first.matrices] == [m.summary() for m in second.matrices]
