@@ -143,27 +143,16 @@ def _tiny_llama():
     return model, refs, lambda: Scorer(model, Tok(), exs, "classification")
 
 
-def test_a_second_scan_of_the_model_takes_no_svd(monkeypatch):
-    """Two scans of a tiny random Llama (mechanics only): the same scores, the SVDs computed once."""
+@pytest.mark.parametrize("mode", ["full", "gram"])
+def test_a_second_scan_of_the_model_decomposes_nothing(monkeypatch, mode):
+    """Two scans of a tiny random Llama (mechanics only): the same scores bit for bit, each weight's SVD (full
+    scan) or Gram eigendecomposition (Gram scan, the default) computed once."""
     from c2i_fast.scan import scan
     model, refs, scorer = _tiny_llama()
-    calls = _counting(monkeypatch)
+    calls = _counting(monkeypatch) if mode == "full" else _counting_eigh(monkeypatch)
     with remembered_svds():
-        first = scan(scorer(), refs, [0.5, 0.1], 2, progress=False, svd="full")
+        first = scan(scorer(), refs, [0.5, 0.1], 2, progress=False, svd=mode)
         n = len(calls)
-        second = scan(scorer(), refs, [0.5, 0.1], 2, progress=False, svd="full")
+        second = scan(scorer(), refs, [0.5, 0.1], 2, progress=False, svd=mode)
     assert n == len(refs) and len(calls) == n               # the second scan took none
-    assert [(m.name, m.score) for m in first.matrices] == [(m.name, m.score) for m in second.matrices]
-
-
-def test_a_second_gram_scan_takes_no_eigendecomposition(monkeypatch):
-    """The default (Gram) scan, twice in a block: the same scores bit for bit, every Gram decomposed once."""
-    from c2i_fast.scan import scan
-    model, refs, scorer = _tiny_llama()
-    calls = _counting_eigh(monkeypatch)
-    with remembered_svds():
-        first = scan(scorer(), refs, [0.5, 0.1], 2, progress=False, svd="gram")
-        n = len(calls)
-        second = scan(scorer(), refs, [0.5, 0.1], 2, progress=False, svd="gram")
-    assert n == len(refs) and len(calls) == n
     assert [m.summary() for m in first.matrices] == [m.summary() for m in second.matrices]
