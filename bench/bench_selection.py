@@ -15,6 +15,8 @@ exists, so a killed run resumes; ``--summary`` rewrites ``<out>/summary.json`` a
     python bench/bench_selection.py --model smollm2 --tasks counterfact --draws 5 --prune halve \
         --out bench/results/selection-smollm2-halve
     python bench/bench_selection.py --out bench/results/selection-smollm2 --summary
+    python bench/bench_selection.py --out bench/results/selection-smollm2-halve --summary \
+        --against bench/results/selection-smollm2
 """
 from __future__ import annotations
 
@@ -148,6 +150,37 @@ def markdown(summary: dict) -> str:
     return "\n".join(rows)
 
 
+def _edits(plans: list[dict]) -> list[tuple]:
+    return [(e["matrix"], e["rank_fraction"], e["n_clusters"], e["method"]) for e in plans]
+
+
+def compare(out: Path, other: Path) -> str:
+    """Markdown: every (task, draw) finished in both folders (e.g. ``--prune halve`` against the default), side
+    by side: search seconds and row-passes, whether the candidates confirmed, each rule's plan and its held-out Δ
+    are the same."""
+    rows = ["| task | draw | search s | row-passes | same confirmed | confirm plan same | confirm held-out Δ "
+            "(pts) | paper plan same | paper held-out Δ (pts) |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def pts(x):
+        return "–" if x is None else ("0" if x == 0 else f"{100 * x:+.1f}")
+    for f in sorted(out.glob("*/draw*.json")):
+        g = other / f.parent.name / f.name
+        if not g.is_file():
+            continue
+        a, b = json.loads(g.read_text()), json.loads(f.read_text())        # a: the other folder, b: this one
+        passes = [(u.get("search") or {}).get("row_passes") for u in (a, b)]
+        same_conf = _edits(a["decision"]["confirmed"]) == _edits(b["decision"]["confirmed"])
+        cells = [f"{a['timings']['search']:.0f} → {b['timings']['search']:.0f}",
+                 " → ".join("–" if p is None else str(p) for p in passes), "yes" if same_conf else "**no**"]
+        for rule in ("confirm", "paper"):
+            ra, rb = a["rules"][rule], b["rules"][rule]
+            same = _edits(ra["plan"]) == _edits(rb["plan"])
+            cells += ["yes" if same else "**no**",
+                      f"{pts(ra['held_out']['difference'])} → {pts(rb['held_out']['difference'])}"]
+        rows.append(f"| {b['task']} | {b['draw']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
@@ -166,6 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--laser-tasks", help="LASER on these tasks only (default: every task)")
     ap.add_argument("--out", required=True, help="folder of unit JSONs (created)")
     ap.add_argument("--summary", action="store_true", help="only rewrite summary.json and print the table")
+    ap.add_argument("--against", help="with --summary: also compare each draw with the same draw in this folder")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -207,6 +241,8 @@ def main(argv=None) -> int:
     summary = summarize(out)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(markdown(summary))
+    if args.against:
+        print("\n" + compare(out, Path(args.against)))
     return 0
 
 

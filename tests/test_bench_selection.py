@@ -9,7 +9,9 @@ def _unit(task: str, draw: int, delta: float, fixed: int, broken: int, shipped: 
     held = {"base_accuracy": 0.5, "accuracy": 0.5 + delta, "majority": None, "n": 500, "fixed": fixed,
             "broken": broken, "difference": delta, "ci95": None, "p_two_sided": 0.01 if delta else 1.0,
             "changed": (fixed + broken) / 500, "log_loss_base": 1.0, "log_loss": 1.0}
-    return {"task": task, "draw": draw, "rules": {
+    edit = {"matrix": "model.layers.28.mlp.up_proj", "rank_fraction": 0.2, "n_clusters": 8, "method": "block"}
+    return {"task": task, "draw": draw, "timings": {"search": 90.0}, "search": {"row_passes": 17000},
+            "decision": {"confirmed": [edit]}, "rules": {
         "confirm": {"plan": [], "shipped": shipped, "reason": "", "changed": None, "held_out": held},
         "paper": {"plan": [], "shipped": True, "reason": "", "changed": None,
                   "held_out": {**held, "difference": -0.02, "fixed": 3, "broken": 13, "p_two_sided": 0.02}}}}
@@ -48,3 +50,19 @@ def test_default_prune_resumes_an_older_folder_and_summarizes(folder, import_ben
     assert s["paper"]["worse"] == 2 and s["paper"]["fixed"] == [3, 3]
     table = bs.markdown(json.loads((folder / "summary.json").read_text()))
     assert "| smollm2 | fever | **confirm** | 2 of 2 | 1 | +4.0, 0 | +2.00 | 30 / 10, 0 / 0 |" in table
+
+
+def test_against_compares_draw_by_draw(folder, tmp_path, import_bench, capsys):
+    """--summary --against: each draw finished in both folders, side by side; a changed confirmed set and a
+    changed plan are flagged."""
+    bs = import_bench("bench_selection")
+    other = tmp_path / "halve"
+    (other / "fever").mkdir(parents=True)
+    u = _unit("fever", 0, 0.04, 30, 10, True)
+    u.update(timings={"search": 30.0}, search={"row_passes": 6000})
+    u["decision"]["confirmed"][0]["rank_fraction"] = 0.1
+    u["rules"]["paper"]["plan"] = [{**u["decision"]["confirmed"][0]}]
+    (other / "fever" / "draw0.json").write_text(json.dumps(u))
+    assert bs.main(["--out", str(other), "--summary", "--against", str(folder)]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| fever | 0 |")]
+    assert rows == ["| fever | 0 | 90 → 30 | 17000 → 6000 | **no** | yes | +4.0 → +4.0 | **no** | -2.0 → -2.0 |"]
