@@ -2,6 +2,7 @@
 on sys.path; the tests' import_bench does the same)."""
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import subprocess
@@ -31,12 +32,16 @@ def load_kernels():
     return mod
 
 
+@functools.lru_cache(maxsize=None)
 def git_commit() -> str | None:
-    """The checkout's short commit, "+dirty" when tracked files differ from it."""
+    """The checkout's short commit when this process first asked (a bench asks at its start, so a unit written
+    hours later still names the code the process loaded, not a commit made meanwhile), "+dirty" when tracked
+    files other than results and docs (bench/results/, docs/, *.md) differ from it."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results", ":(exclude)docs", ":(exclude)*.md"], cwd=REPO,
                                capture_output=True, text=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -82,9 +82,10 @@ def main(argv=None) -> int:
             continue
         print(f"[bench_wait_policy] {cell}", file=sys.stderr, flush=True)
         load = os.getloadavg()[0]
+        commit = git_commit.__wrapped__()        # each cell is a fresh `c2i` process: the code as it starts
         unit = run_cell(cell)
         unit.update(cell=cell, load_before=load, device=device_name(), versions=versions(),
-                    commit=git_commit(), command=command, finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+                    commit=commit, command=command, finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
         atomic_write_text(path, json.dumps(unit, indent=2) + "\n")
     for cell in CELLS:
         if (out / f"{cell}.json").is_file():
