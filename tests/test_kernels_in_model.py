@@ -85,8 +85,8 @@ def test_factored_smollm2_logits_through_triton(lm, monkeypatch):
     assert clear.any() and torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
 
 
-@pytest.mark.slow   # two real `adapt` runs (no real-model fixture for conftest's hook to see)
-def test_search_through_triton_matches_reference(tmp_path, data_dir, monkeypatch):
+@pytest.mark.slow   # two real `adapt` runs on the session's SmolLM2
+def test_search_through_triton_matches_reference(tmp_path, data_dir, monkeypatch, smollm2):
     """A small real `adapt` (FEVER, 16 selection rows, the MLP matrices, 6 candidates) with the kernels and with
     the reference:
     every evaluated candidate's accuracy and log-loss, the plan and the held-out numbers agree."""
@@ -96,7 +96,7 @@ def test_search_through_triton_matches_reference(tmp_path, data_dir, monkeypatch
         return adapt(AdaptConfig(out=str(tmp_path / name), model="smollm2", task="fever", samples=16, test_size=16,
                                  top_k=2, max_evals=6, types=("mlp_in", "mlp_out"), progress=False,
                                  rule="paper",    # the search and the plan's held-out pass are what is compared
-                                 data_dir=str(data_dir)))
+                                 data_dir=str(data_dir)), lm=smollm2)
 
     monkeypatch.setenv("C2I_KERNELS", "torch")
     ref = run("torch")

@@ -18,13 +18,13 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory):
+def real_run(tmp_path_factory, smollm2):
     """One real C2I run on SmolLM2 + FEVER with a tiny grid (two matrix types keep the scan short)."""
     from c2i_fast.pipeline import AdaptConfig, adapt
     out = tmp_path_factory.mktemp("adapt") / "run"
     adapt(AdaptConfig(model="smollm2", task="fever", out=str(out), samples=16, test_size=16, top_k=1,
                       rank_fractions=(0.5, 0.05), clusters=(1, 2), methods=("block",), types=("mlp_in", "mlp_out"),
-                      max_evals=4, confirm_size=50, threads=1, progress=False))
+                      max_evals=4, confirm_size=50, threads=1, progress=False), lm=smollm2)
     return out
 
 

@@ -15,7 +15,7 @@ SMALL = dict(model="smollm2", task="fever", samples=30, test_size=40, confirm_si
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, smollm2, data_dir):
     out = tmp_path_factory.mktemp("rule") / "run"
-    return adapt(AdaptConfig(out=str(out), compare_rules=True, data_dir=str(data_dir), **SMALL)), out
+    return adapt(AdaptConfig(out=str(out), compare_rules=True, data_dir=str(data_dir), **SMALL), lm=smollm2), out
 
 
 def test_the_report_says_what_the_rule_decided(run):
@@ -44,6 +44,6 @@ def test_the_paper_rule_is_an_option_and_resumed_old_runs_keep_it(tmp_path, smol
     assert resume_config(str(tmp_path)).rule == "paper"        # written before the rule existed
     from c2i_fast.errors import C2IError
     with pytest.raises(C2IError, match="--compose confirms no composed plan"):
-        adapt(AdaptConfig(out=str(tmp_path / "x"), compose=1, data_dir=str(data_dir), **SMALL))
+        adapt(AdaptConfig(out=str(tmp_path / "x"), compose=1, data_dir=str(data_dir), **SMALL), lm=smollm2)
     with pytest.raises(C2IError, match="--rule 'best'"):
-        adapt(AdaptConfig(out=str(tmp_path / "y"), rule="best", data_dir=str(data_dir), **SMALL))
+        adapt(AdaptConfig(out=str(tmp_path / "y"), rule="best", data_dir=str(data_dir), **SMALL), lm=smollm2)
