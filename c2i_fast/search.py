@@ -312,6 +312,11 @@ def score_batches(scorer, c: Candidate, cache: PrefixCache | None, only: list[in
         restore_(scorer.model, [c.edit.matrix])
 
 
+def _survivors(n: int, keep: int) -> int:
+    """How many of ``n`` candidates go on to halving's next round: the better half, never fewer than ``keep``."""
+    return min(n, max(keep, -(-n // 2)))
+
+
 def halve(scorer, todo: list[Candidate], cache: PrefixCache | None, keep: int, rounds: list[list[int]],
           on_result=None, progress: bool = False) -> None:
     """Successive halving (``prune="halve"``; not exact). Every candidate is scored on the first round's
@@ -327,7 +332,7 @@ def halve(scorer, todo: list[Candidate], cache: PrefixCache | None, keep: int, r
     field, batch_passes = len(todo), 0        # the bar counts candidate-batches: this many will run
     for batches in rounds:
         batch_passes += field * len(batches)
-        field = min(field, max(keep, -(-field // 2)))
+        field = _survivors(field, keep)
     bar = tqdm(total=batch_passes, desc="search (halving)", disable=not progress, leave=False)
     for r, batches in enumerate(rounds):
         for c in alive:
@@ -339,7 +344,7 @@ def halve(scorer, todo: list[Candidate], cache: PrefixCache | None, keep: int, r
             break
         standing = {c.key(): scorer.standing(pairs[c.key()]) for c in alive}
         alive.sort(key=lambda c: (-standing[c.key()][1], standing[c.key()][2], c.key()))
-        n_next = max(keep, -(-len(alive) // 2))
+        n_next = _survivors(len(alive), keep)
         for c in alive[n_next:]:
             done, correct, _ = standing[c.key()]
             c.result = {**scorer.pruned_result(done, correct, len(pairs[c.key()])), "halved": r}
