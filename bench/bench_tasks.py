@@ -7,7 +7,8 @@ Per task the four methods select on the same rows and are judged on the same hel
 - ``c2i``: C2I as the paper describes it: the gradient top-K, clustered candidates, every candidate evaluated
   (max_evals 0), the best on the selection rows applied if it beats the base (rule "paper");
 - ``laser``: LASER's grid ({mlp_in, mlp_out} × layers × its 8 ρ), the best on the same selection rows
-  (``--laser-layers``: a subset of layers, for big models; the cell says which);
+  (``--laser-layers``: a subset of layers, for big models; the cell says which), scored with exact pruning
+  (a candidate's pass stops once it cannot be the best: the same pick, fewer row-passes);
 - ``base``: the base model's held-out pass of the first of those runs (every run makes it on the same rows).
 
 Each (model, task, method) cell is written atomically to ``<out>/<task>/<method>.json`` when it finishes (the
@@ -219,12 +220,15 @@ class Bench:
             t0 = time.perf_counter()
             if method == "laser":
                 layers = parse_layers(a.laser_layers)
+                # exact pruning: LASER's pick (accuracy, ties by log-loss) with fewer row-passes
                 rep = laser(LaserConfig(out=str(work / "run"), val_size=sizes["n_select"], layers=layers, draw=0,
-                                        draws=1, **common), lm=self.lm)
+                                        draws=1, prune="exact", **common), lm=self.lm)
                 shipped, reason = bool(rep["plan"]), (
                     f"LASER grid: layers {a.laser_layers or 'all'} × {{mlp_in, mlp_out}} × "
-                    f"{len(rep['config']['rank_fractions'])} ρ, best on the {rep['task']['n_val']} selection rows")
-                extra = {"laser_layers": a.laser_layers or "all"}
+                    f"{len(rep['config']['rank_fractions'])} ρ, best on the {rep['task']['n_val']} selection rows "
+                    f"(scored with exact pruning: {rep['search'].get('pruned', 0)} candidates stopped once they "
+                    f"could not be the best; the same pick as scoring every row)")
+                extra = {"laser_layers": a.laser_layers or "all", "prune": rep["search"].get("prune", "off")}
             else:
                 grid = dict(samples=sizes["n_select"], top_k=a.top_k, rank_fractions=tuple(a.rank_fractions),
                             clusters=tuple(a.clusters), methods=tuple(a.methods), confirm_size=a.confirm_size)

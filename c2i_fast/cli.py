@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--draws", type=int, default=1, help="split as `c2i adapt --draws N` does …")
     l.add_argument("--draw", type=int, default=0, help="… and select on its draw D (same selection/held-out rows)")
     l.add_argument("--faithful", action="store_true", help="dense rebuild + full forward per candidate")
+    l.add_argument("--prune", choices=("off", "exact"), default="off",
+                   help="exact: stop scoring a candidate once it cannot be the best (same pick, fewer passes)")
     l.add_argument("--no-report", action="store_true", help="do not render the HTML/PNG report")
     l.add_argument("--resume", action="store_true")
 
@@ -242,7 +244,7 @@ def _run(args) -> int:
         cfg = pipeline.LaserConfig(
             **_run_config(args, progress), out=args.out, val_size=args.val_size,
             rank_fractions=args.rank_fractions, types=args.types, layers=args.layers, faithful=args.faithful,
-            resume=args.resume, draw=args.draw, draws=args.draws)
+            resume=args.resume, draw=args.draw, draws=args.draws, prune=args.prune)
         rep = pipeline.laser(cfg)
         _finish(rep, cfg.out, args.no_report)
     elif args.command == "eval":

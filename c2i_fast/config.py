@@ -94,6 +94,9 @@ class LaserConfig(RunConfig):
     layers: tuple | None = None         # default: every layer
     faithful: bool = False              # dense rebuild + full forward per candidate, as LASER's code does
     resume: bool = False
+    # "exact": stop a candidate's pass once it cannot be the best (c2i_fast.search.Pruner; the same pick as
+    # "off"; the max-T test then runs over the fully scored candidates only). "off": LASER's sweep, every row.
+    prune: str = "off"
     draw: int = 0                       # select on draw ``draw`` of ``draws`` (adapt's --draws split: the
     draws: int = 1                      # same selection and held-out rows as that adapt draw)
 

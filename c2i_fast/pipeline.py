@@ -510,6 +510,10 @@ def laser(cfg: LaserConfig, *, lm=None) -> dict:
     ``faithful`` each candidate is a dense rebuild of the weight and a full forward, as in LASER's code.
     """
     _check_common(cfg.rank_fractions, cfg.val_size, cfg.test_size)
+    if cfg.prune not in ("off", "exact"):
+        raise C2IError(f"--prune {cfg.prune!r}: LASER's search takes off or exact")
+    if cfg.prune == "exact" and cfg.faithful:
+        raise C2IError("--prune exact needs the factored search (not --faithful)")
     out = Path(cfg.out)
     if out.exists() and not cfg.resume and any(out.iterdir()):
         raise C2IError(f"--out {out} exists and is not empty")
@@ -541,12 +545,16 @@ def laser(cfg: LaserConfig, *, lm=None) -> dict:
     t_svd = time.perf_counter() - t1
     journal = out / JOURNAL
     # every candidate in the order built and each with its own pass (no ΔL̂ to order by, no twin skipped)
+    prune = "off" if task.kind == "generation" else cfg.prune     # generation is scored after the pass
     res = search(val, cands, base_val, cache, n_layers, max_evals=None, progress=cfg.progress,
                  on_result=_on_result(cfg, journal), done=_read_journal(journal) if cfg.resume else {},
-                 dense=cfg.faithful, order="given", dedupe=False)
+                 dense=cfg.faithful, order="given", dedupe=False, prune=prune)
     timings["search"] = time.perf_counter() - t1          # the sweep, its SVDs included
     timings["svd"] = t_svd
     ranked = rank(res.evaluated)
+    sig = significance(base_val, ranked, cfg.seed)       # LASER's pick faces the same curse
+    if sig is not None and prune != "off":
+        sig["pruned"] = res.pruned                       # over the fully scored candidates only
     plan = Plan([c.edit for c in res.best], base_model=lm.model_id,
                 meta={"task": task.name, "seed": cfg.seed, "method": "laser"})
     test, spent, _ = _conclude(lm, task, splits["test"], cfg, res.best, plan, timings, out,
@@ -554,8 +562,8 @@ def laser(cfg: LaserConfig, *, lm=None) -> dict:
     timings["total"] = time.perf_counter() - t_start
     report = build_report(
         cfg, task, {"n_val": len(splits["select"]), "n_test": len(splits["test"])}, plan,
-        search={"n_candidates": len(cands), "n_evaluated": len(res.evaluated),
-                "significance": significance(base_val, ranked, cfg.seed),   # LASER's pick faces the same curse
+        search={"n_candidates": len(cands), "n_evaluated": len(res.evaluated), "significance": sig,
+                "prune": prune, "pruned": res.pruned, "row_passes_saved": res.row_passes_saved,
                 "candidates": [c.summary() for c in res.candidates]},
         selection={"base": _strip(base_val), "adapted": _strip(res.final)}, test=test,
         forward_passes=_passes(res.forward_layer_passes, n_layers), accounting=spent)

@@ -88,7 +88,7 @@ OWN = {
                     "only_draw": None, "prune": "exact", "scan_svd": "gram"},
     "LaserConfig": {"val_size": 100, "rank_fractions": (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01),
                     "types": ("mlp_in", "mlp_out"), "layers": None, "faithful": False, "resume": False,
-                    "draw": 0, "draws": 1},
+                    "draw": 0, "draws": 1, "prune": "off"},
     "EvalConfig": {"plan": None, "samples": 100, "out": None},
 }
 

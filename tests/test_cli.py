@@ -98,6 +98,25 @@ def test_laser_in_the_same_harness(tmp_path):
     assert [c["rank_fraction"] for c in rep["search"]["candidates"]] == [0.1, 0.01] * 4
 
 
+def test_laser_exact_pruning_picks_what_the_full_sweep_picks(tmp_path, smollm2, data_dir):
+    from c2i_fast.pipeline import LaserConfig, laser
+    # A task the model does well (SmolLM2 at chance scores every candidate alike and stops none), and small
+    # batches so a losing candidate's pass can stop before its last row.
+    common = dict(model="smollm2", task="bias_in_bios_profession", data_dir=str(data_dir), val_size=16,
+                  test_size=2, layers=(29,), rank_fractions=(0.5, 0.01), batch_tokens=400, progress=False)
+    full, pruned = (laser(LaserConfig(out=str(tmp_path / mode), prune=mode, **common), lm=smollm2)
+                    for mode in ("off", "exact"))
+    assert pruned["plan"] == full["plan"] and pruned["selection"] == full["selection"]
+    assert pruned["search"]["prune"] == "exact" and pruned["search"]["pruned"] >= 1
+    assert pruned["forward_passes"]["search_layer_passes"] < full["forward_passes"]["search_layer_passes"]
+    by_key = {(c["matrix"], c["rank_fraction"]): c for c in full["search"]["candidates"]}
+    for c in pruned["search"]["candidates"]:           # a fully scored candidate scores as in the full sweep
+        if not c.get("pruned"):
+            assert c["accuracy"] == by_key[(c["matrix"], c["rank_fraction"])]["accuracy"]
+    sig = pruned["search"]["significance"]
+    assert sig is None or sig["pruned"] == pruned["search"]["pruned"]
+
+
 def test_generation_scores_the_continuation_not_the_prompt(smollm2):
     # "Paris" is in the prompt; the model continues with Berlin. Only the continuation counts.
     ex = Example("p", "Paris is in France. Rome is in Italy. The capital of Germany is", " Paris",
