@@ -19,7 +19,9 @@ every variant pays its own scan (no SVD is shared between variants):
   rows, the better half on the next quarter, the better half of those on the rest), against ``none``;
 - ``gram``: as ``none`` with ``--scan-svd gram`` (the scan's scores from Gram eigendecompositions, a full SVD
   for the best 2 × top-K only); ``fast``: ``halve`` and ``gram`` together (a first run, no cache);
-- ``defaults``: ``c2i adapt``'s defaults as they are now (exact pruning, Gram scan, a cold metrics cache).
+- ``defaults``: ``c2i adapt``'s defaults as they are now (exact pruning, Gram scan, a cold metrics cache);
+  ``bf16``: the same with ``--search-dtype bfloat16`` (the base's and the candidates' selection passes with
+  bf16 weights; scan, confirmation and held-out in fp32).
 
 Every variant but ``gram`` and ``fast`` runs ``--scan-svd full`` (the default before ``gram``), so the units
 of earlier commits stay comparable.
@@ -68,6 +70,7 @@ class Variant(NamedTuple):
     cache_state: str | None     # "cold": a fresh folder; "warm": the one the exact run filled; None: no cache
     batch_tokens: int | None    # --batch-tokens (None: the default)
     scan_svd: str = "full"      # --scan-svd
+    search_dtype: str = "model"  # --search-dtype
 
 
 VARIANTS = {
@@ -81,6 +84,7 @@ VARIANTS = {
     "gram": Variant("off", False, None, None, "gram"),
     "fast": Variant("halve", False, None, None, "gram"),
     "defaults": Variant("exact", True, "cold", None, "gram"),
+    "bf16": Variant("exact", True, "cold", None, "gram", "bfloat16"),     # the defaults, search in bf16
 }
 PHASES = ("scan_gradient", "scan_svd", "candidates", "select_base", "search", "confirm", "test_base",
           "test_adapted")
@@ -94,7 +98,7 @@ def unit_from_report(rep: dict, seconds: float) -> dict:
         "test_size": rep["task"].get("n_test"), "omp_wait_policy": WAIT_POLICY,
         "timings": {k: rep["timings"].get(k) for k in PHASES if k in rep["timings"]},
         "top_k": [m["matrix"] for m in rep["scan"]["matrices"][:rep["config"]["top_k"]]],
-        "search": {k: s.get(k) for k in ("n_candidates", "n_evaluated", "n_same_factors", "prune", "pruned",
+        "search": {k: s.get(k) for k in ("n_candidates", "n_evaluated", "n_same_factors", "prune", "pruned", "dtype",
                                          "row_passes", "row_passes_saved",
                                          "rank_correlation_predicted_vs_measured")},
         "selection_best": [{k: c.get(k) for k in ("matrix", "rank_fraction", "n_clusters", "method")}
@@ -117,7 +121,8 @@ def run_variant(args, task: str, variant: str, lm, cache_dir: Path) -> dict:
     try:
         t0 = time.perf_counter()
         rep = adapt(AdaptConfig(model=args.model, task=task, out=str(work / "run"), prune=v.prune,
-                                metrics_cache=v.metrics_cache, scan_svd=v.scan_svd, threads=args.threads, seed=args.seed,
+                                metrics_cache=v.metrics_cache, scan_svd=v.scan_svd, search_dtype=v.search_dtype,
+                                threads=args.threads, seed=args.seed,
                                 test_size=args.test_size,
                                 progress=not args.quiet, **extra), lm=lm)
         return unit_from_report(rep, time.perf_counter() - t0)

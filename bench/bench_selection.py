@@ -32,6 +32,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from c2i_fast.io import atomic_write_text, device_name, versions  # noqa: E402
+from c2i_fast.precision import SEARCH_DTYPES  # noqa: E402
 from c2i_fast.search import PRUNE_MODES  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,13 +63,14 @@ def run_unit(args, task: str, draw: int, lm=None) -> dict:
             model=args.model, task=task, out=str(work / "adapt"), samples=args.samples, test_size=args.test_size,
             top_k=args.top_k, max_evals=args.max_evals, draws=args.draws, only_draw=draw, seed=args.seed,
             rule="confirm", compare_rules=True, confirm_size=args.confirm_size, threads=args.threads,
-            prune=args.prune, progress=not args.quiet), lm=lm)
+            prune=args.prune, search_dtype=args.search_dtype, progress=not args.quiet), lm=lm)
         unit = {
             "task": task, "draw": draw, "seconds": round(time.perf_counter() - t0, 1),
             "sizes": {k: rep["task"].get(k) for k in ("n_select", "n_confirm", "n_test")},
             "selection_base_accuracy": rep["selection"]["base"]["accuracy"],
             "significance": rep["search"]["significance"], "n_evaluated": rep["search"]["n_evaluated"],
-            "search": {k: rep["search"].get(k) for k in ("prune", "pruned", "row_passes", "row_passes_saved")},
+            "search": {k: rep["search"].get(k) for k in ("prune", "pruned", "row_passes", "row_passes_saved",
+                                                         "dtype")},
             "decision": rep["decision"], "timings": rep["timings"],
             "rules": {name: {"plan": r["plan"], "shipped": r["shipped"], "reason": r["reason"],
                              "changed": r["changed"], "held_out": _held_out(r["test"])}
@@ -195,6 +197,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prune", default="exact", choices=PRUNE_MODES,
                     help="the search's pruning (c2i adapt --prune); compare rules' held-out numbers across folders")
+    ap.add_argument("--search-dtype", default="model", choices=SEARCH_DTYPES,
+                    help="the search's precision (c2i adapt --search-dtype)")
     ap.add_argument("--laser-layers", help="also LASER in the same harness on these layers, e.g. 17-27")
     ap.add_argument("--laser-tasks", help="LASER on these tasks only (default: every task)")
     ap.add_argument("--out", required=True, help="folder of unit JSONs (created)")
@@ -210,12 +214,13 @@ def main(argv=None) -> int:
                                                                                               if argv is None else argv),
                 "settings": {k: getattr(args, k) for k in ("samples", "confirm_size", "test_size", "top_k",
                                                            "max_evals", "seed", "draws", "laser_layers",
-                                                           "laser_tasks", "prune")}}
+                                                           "laser_tasks", "prune", "search_dtype")}}
         meta_path = out / "meta.json"
         if meta_path.is_file():
             old = json.loads(meta_path.read_text())
-            # folders written before --prune existed ran the default
-            if {"prune": "exact", **old.get("settings", {})} != meta["settings"] or old.get("model") != args.model:
+            # folders written before --prune / --search-dtype existed ran the defaults
+            if ({"prune": "exact", "search_dtype": "model", **old.get("settings", {})} != meta["settings"]
+                    or old.get("model") != args.model):
                 print(f"bench_selection: {out} holds units made with other settings ({old.get('settings')}); "
                       f"use another --out", file=sys.stderr)
                 return 2

@@ -34,6 +34,7 @@ from .config import AdaptConfig, EvalConfig, LaserConfig, RunConfig  # noqa: F40
 from .report_data import SCHEMA     # the report.json layout build_report writes (report.py reads it)
 from .scan import SCAN_SVDS, scan
 from .svd import remembered_svds
+from .precision import lowers_precision, search_dtype, search_precision
 from .search import PRUNE_MODES, Candidate, build_candidates, candidate_factors, prune_mode, rank, search
 from .stats import paired_difference, selection_gain_test
 from .tasks import check_tokenization, load_task, split, split_with_test
@@ -326,6 +327,7 @@ def adapt(cfg: AdaptConfig, *, lm=None, task=None, test=None) -> dict:
         raise C2IError("--compose confirms no composed plan yet: use it with --rule paper")
     if cfg.prune not in PRUNE_MODES:
         raise C2IError(f"--prune {cfg.prune!r}: choose one of {', '.join(PRUNE_MODES)}")
+    search_dtype(cfg.search_dtype)
     if cfg.scan_svd not in SCAN_SVDS:
         raise C2IError(f"--scan-svd {cfg.scan_svd!r}: choose one of {', '.join(SCAN_SVDS)}")
     distributed.init()
@@ -408,17 +410,24 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict,
                              cfg.progress)
     timings["candidates"] = time.perf_counter() - t1
 
-    t2 = time.perf_counter()
-    base_sel = sc.base if sc.base is not None else base_metrics(
-        sel, mc, cache, {m.layer for m in top} if cache is not None else set())[0]
-    timings["select_base"] = time.perf_counter() - t2
     journal = out / (JOURNAL if draw == 0 else f"journal.draw{draw}.jsonl")
     done = _read_journal(journal) if cfg.resume else {}
-    _emit(cfg, "selection_base", accuracy=base_sel["accuracy"], log_loss=base_sel["log_loss"])
     prune, prune_off = prune_mode(cfg, task, len(splits["confirm"]), MIN_CONFIRM_ROWS)
     keep = max(1, cfg.confirm_top)
-    res = search(sel, cands, base_sel, cache, n_layers, cfg.max_evals, cfg.compose, cfg.loss, cfg.progress,
-                 on_result=_on_result(cfg, journal), done=done, dense=cfg.dense_candidates, prune=prune, keep=keep)
+    lowered = lowers_precision(model, cfg.search_dtype)
+    with search_precision(model, cfg.search_dtype):
+        t2 = time.perf_counter()
+        if lowered:    # the base and the candidates compared in one precision: the scan's fp32 pass is not it
+            cache = PrefixCache() if cache is not None else None
+            base_sel = base_metrics(sel, None, cache, {m.layer for m in top} if cache is not None else set())[0]
+        else:
+            base_sel = sc.base if sc.base is not None else base_metrics(
+                sel, mc, cache, {m.layer for m in top} if cache is not None else set())[0]
+        timings["select_base"] = time.perf_counter() - t2
+        _emit(cfg, "selection_base", accuracy=base_sel["accuracy"], log_loss=base_sel["log_loss"])
+        res = search(sel, cands, base_sel, cache, n_layers, cfg.max_evals, cfg.compose, cfg.loss, cfg.progress,
+                     on_result=_on_result(cfg, journal), done=done, dense=cfg.dense_candidates, prune=prune,
+                     keep=keep)
     timings["search"] = res.seconds["search"]
     # over the fully scored candidates: a pruned one has no full correctness vector (its count is recorded)
     sig = significance(base_sel, rank(res.evaluated), cfg.seed)
@@ -464,6 +473,7 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict,
               "svds": sc.svds, "matrices": [m.summary() for m in sc.matrices]},
         search={"n_candidates": len(cands), "n_evaluated": len(res.evaluated), "n_same_factors": n_same,
                 "rank_correlation_predicted_vs_measured": res.rank_correlation, "significance": sig,
+                "dtype": cfg.search_dtype if lowered else str(next(model.parameters()).dtype).removeprefix("torch."),
                 "prune": prune, "prune_off_reason": prune_off, "prune_keep": keep, "pruned": res.pruned,
                 "row_passes": res.row_passes, "row_passes_saved": res.row_passes_saved,
                 "candidates": [c.summary() for c in res.candidates]},

@@ -1,0 +1,91 @@
+"""--search-dtype: the candidates scored with bf16 weights, every other pass at the model's own precision, and
+the model handed back with the very tensors it had."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from c2i_fast.errors import C2IError
+from c2i_fast.precision import lowers_precision, search_dtype, search_precision
+from c2i_fast.svd import remembered_svds, weight_svd
+
+
+def _tiny_llama():
+    """A tiny random Llama: mechanics only (no real weights needed to check what is cast and put back)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def test_parameters_are_bf16_inside_and_the_same_tensors_after():
+    model = _tiny_llama()
+    before = {n: (p.data_ptr(), p._version, p.clone()) for n, p in model.named_parameters()}
+    w = model.model.layers[0].mlp.down_proj.weight
+    with remembered_svds():
+        svd = weight_svd(w)
+    buffers = {n: (b.dtype, b.clone()) for n, b in model.named_buffers()}
+    x = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        ref = model(x).logits
+    assert lowers_precision(model, "bfloat16") and not lowers_precision(model, "model")
+    with search_precision(model, "bfloat16"):
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+        with torch.no_grad():
+            low = model(x).logits.float()
+        # rotary inv_freq stays fp32: only parameters are cast
+        assert {n: b.dtype for n, b in model.named_buffers()} == {n: d for n, (d, _) in buffers.items()}
+    for n, p in model.named_parameters():          # the same storage, version and bits
+        ptr, version, value = before[n]
+        assert p.dtype == torch.float32 and p.data_ptr() == ptr and p._version == version and torch.equal(p, value)
+    with remembered_svds():                          # so a remembered SVD of it still serves
+        assert weight_svd(w) is svd
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n][1])
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref)
+    rel = (low - ref).norm() / ref.norm()
+    assert 0 < rel < 0.05                      # bf16 really ran, and stayed close
+
+
+def test_put_back_when_the_block_raises_and_model_means_no_cast():
+    model = _tiny_llama()
+    before = [p.data_ptr() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="boom"):
+        with search_precision(model, "bfloat16"):
+            raise RuntimeError("boom")
+    assert [p.data_ptr() for p in model.parameters()] == before
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with search_precision(model, "model"):
+        assert [p.data_ptr() for p in model.parameters()] == before
+    with pytest.raises(C2IError, match="--search-dtype 'fp8'"):
+        search_dtype("fp8")
+
+
+def test_adapt_scores_in_bf16_and_confirms_and_reports_at_fp32(smollm2, data_dir, tmp_path, monkeypatch):
+    """On the real SmolLM2: the selection passes ran in bf16 (report says so), the held-out base numbers are
+    those of the fp32 run on the same rows, a candidate confirmed in both runs has the same confirmation numbers,
+    and the model comes back with its fp32 tensors."""
+    from c2i_fast.pipeline import AdaptConfig, adapt
+    monkeypatch.setenv("C2I_CACHE", str(tmp_path / "cache"))
+    small = dict(model="smollm2", task="fever", samples=24, test_size=16, confirm_size=50, top_k=1,
+                 clusters=(1, 2), methods=("block",), rank_fractions=(0.1, 0.01), max_evals=3, threads=2,
+                 progress=False, data_dir=str(data_dir))
+    params = [p.data_ptr() for p in smollm2.model.parameters()]
+    full = adapt(AdaptConfig(out=str(tmp_path / "fp32"), **small), lm=smollm2)
+    low = adapt(AdaptConfig(out=str(tmp_path / "bf16"), search_dtype="bfloat16", **small), lm=smollm2)
+    assert full["search"]["dtype"] == "float32" and low["search"]["dtype"] == "bfloat16"
+    assert [p.data_ptr() for p in smollm2.model.parameters()] == params
+    assert all(p.dtype == torch.float32 for p in smollm2.model.parameters())
+    assert low["test"]["base"] == full["test"]["base"]
+    # the bf16 selection pass is its own (not the scan's fp32 one), and close to it
+    assert abs(low["selection"]["base"]["accuracy"] - full["selection"]["base"]["accuracy"]) <= 0.1
+    def key(c):
+        return c["matrix"], c["rank_fraction"], c["n_clusters"], c["method"]
+
+    def fp32_part(c):                      # all but the selection accuracy, which was measured in bf16
+        return {k: v for k, v in c.items() if k != "selection_accuracy"}
+    conf_full = {key(c): c for c in full["decision"]["confirmed"]}
+    for c in low["decision"]["confirmed"]:
+        if key(c) in conf_full:
+            assert fp32_part(c) == fp32_part(conf_full[key(c)])
