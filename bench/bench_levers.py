@@ -21,7 +21,7 @@ every variant pays its own scan (no SVD is shared between variants):
   for the best 2 × top-K only); ``fast``: ``halve`` and ``gram`` together (a first run, no cache);
 - ``defaults``: ``c2i adapt``'s defaults as they are now (exact pruning, Gram scan, a cold metrics cache);
   ``bf16``: the same with ``--search-dtype bfloat16`` (the base's and the candidates' selection passes with
-  bf16 weights; scan, confirmation and held-out in fp32).
+  bf16 matmuls; scan, confirmation and held-out in fp32).
 
 Every variant but ``gram`` and ``fast`` runs ``--scan-svd full`` (the default before ``gram``), so the units
 of earlier commits stay comparable.

@@ -104,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "eigendecomposition of the smaller Gram matrix WWᵀ or WᵀW (the full SVD's scores up to "
                         "round-off; the default), a full SVD only for the best 2 × --top-k")
     a.add_argument("--search-dtype", choices=["model", "bfloat16"], default="model",
-                   help="the selection passes of the base and the candidates: 'bfloat16' scores them with "
-                        "bf16 weights (about twice as fast on CPUs with AVX512-BF16 or AMX), then the "
-                        "confirmation and held-out passes run in the model's own dtype (default: model)")
+                   help="the selection passes of the base and the candidates: 'bfloat16' runs their matmuls "
+                        "in bf16 (autocast; the LM head at full precision; about twice as fast on CPUs with "
+                        "AVX512-BF16 or AMX); the scan, confirmation and held-out passes run at the model's own "
+                        "dtype (default: model)")
     a.add_argument("--compare-rules", action="store_true",
                    help="also judge every other rule's plan on the held-out rows (bench; the report's 'rules')")
     a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",

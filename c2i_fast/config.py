@@ -80,8 +80,9 @@ class AdaptConfig(RunConfig):
     # (every score from the smaller Gram matrix's eigendecomposition, the full SVD's up to round-off; the top
     # few get a full SVD; the default: every ranking measured so far was the full SVDs').
     scan_svd: str = "gram"
-    # The candidates' (and the base's) selection passes: "model" (the model's dtype) or "bfloat16" (c2i_fast.
-    # precision; the confirmation, held-out and scan passes keep the model's dtype).
+    # The base's and the candidates' selection passes: "model" (the model's dtype) or "bfloat16" (bf16 matmuls
+    # under autocast, the LM head at full precision: c2i_fast.precision); scan, confirmation and held-out
+    # passes run at the model's dtype.
     search_dtype: str = "model"
 
     def shares_prefix(self) -> bool:

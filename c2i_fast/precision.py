@@ -1,9 +1,12 @@
-"""The search's precision: score the candidates with the model's weights in a lower precision, then put back
-the very tensors the model had (the scan, the confirmation and the held-out passes run at the model's own).
+"""The search's precision: score the base and the candidates on the selection rows with bf16 matmuls, while
+the scan, the confirmation and the held-out passes run at the model's own precision.
 
-Only parameters are cast. Buffers stay: Llama-style rotary ``inv_freq`` is computed in fp32 by transformers and
-loses digits if stored in bf16. A candidate's factors take the dtype of the weight they replace
-(:func:`c2i_fast.transform.factorize_`), so they are scored in the search's precision too.
+``torch.autocast`` rather than casting the weights: the matmuls (the cost) run in bf16, while the residual
+stream, the norms and softmax stay fp32, and the LM head runs in fp32 (a bf16 logit near 20 is off by up to
+0.06, enough to flip a choice between near-tied answers). Measured on SmolLM2 FEVER (100 selection rows, one
+thread): the same 1.9× speed-up as bf16 weights, and half the answers flipped on candidates (3 of 100 against
+6–8 with bf16 weights and head). Nothing of the model is changed: no weight is copied, cast or written.
+A candidate's factored module is autocast like any linear layer.
 """
 from __future__ import annotations
 
@@ -25,26 +28,36 @@ def search_dtype(name: str) -> torch.dtype | None:
 
 
 def lowers_precision(model: nn.Module, name: str) -> bool:
-    """Whether ``--search-dtype name`` casts any of ``model``'s floating parameters."""
+    """Whether ``--search-dtype name`` runs any of ``model``'s matmuls below the precision of its weights."""
     dtype = search_dtype(name)
-    return dtype is not None and any(p.is_floating_point() and p.dtype != dtype for p in model.parameters())
+    return dtype is not None and any(p.is_floating_point() and p.itemsize > dtype.itemsize
+                                     for p in model.parameters())
 
 
 @contextmanager
 def search_precision(model: nn.Module, name: str):
-    """Within the block ``model``'s floating parameters are in ``--search-dtype name``; afterwards each holds
-    the same tensor as before (same storage, same version: memoized SVDs and fingerprints stay valid), also when
-    the block raises. A bf16 copy of every parameter lives for the block (half an fp32 model's memory)."""
-    dtype = search_dtype(name)
-    saved: list[tuple[nn.Parameter, torch.Tensor]] = []
-    try:
-        if dtype is not None:
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.is_floating_point() and p.dtype != dtype:
-                        saved.append((p, p.data))
-                        p.data = p.data.to(dtype)
+    """Within the block ``model``'s forwards run their matmuls in ``--search-dtype name`` (autocast on the
+    model's device), its output embedding (the LM head) at its weight's dtype on an input of that dtype."""
+    if not lowers_precision(model, name):
         yield model
+        return
+    device = next(model.parameters()).device.type
+    head = model.get_output_embeddings()
+    full = head.forward if head is not None else None
+    own = head.__dict__.get("forward") if head is not None else None     # e.g. accelerate's hook wrapper
+
+    def head_at_full_precision(x, *args, **kwargs):
+        with torch.autocast(device, enabled=False):
+            return full(x.to(head.weight.dtype), *args, **kwargs)
+
+    if head is not None:
+        head.forward = head_at_full_precision          # an instance attribute over the class's forward
+    try:
+        with torch.autocast(device, dtype=search_dtype(name)):
+            yield model
     finally:
-        for p, original in saved:
-            p.data = original
+        if head is not None:
+            if own is None:
+                del head.forward
+            else:
+                head.forward = own
