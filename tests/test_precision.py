@@ -1,4 +1,4 @@
-"""--search-dtype: the candidates scored with bf16 weights, every other pass at the model's own precision, and
+"""--search-dtype: the candidates scored with bf16 matmuls, every other pass at the model's own precision, and
 the model handed back with the very tensors it had."""
 from __future__ import annotations
 
