@@ -4,7 +4,7 @@ run in bf16, and how far their answers move from fp32's.
 Per task: the selection rows of ``c2i adapt``'s draw 0 (100 by default), the scan at the defaults, and the
 first ``--candidates`` candidates in the search's own order (:func:`c2i_fast.search.interleave`), each scored
 as the search scores it (prefix cache filled by the base pass, factored forward from its layer) under three
-precisions, each with its own base pass and cache:
+precisions, each with its own base pass and cache (candidate by candidate, the precisions in turn):
 
 - ``fp32``: the model as loaded (``--search-dtype model``);
 - ``autocast``: what ``--search-dtype bfloat16`` runs (bf16 matmuls, LM head at full precision);
@@ -79,22 +79,24 @@ def measure_task(args, lm, name: str) -> dict:
     cands = interleave(build_candidates(top, {r.name: r for r in refs}, cfg.rank_fractions, cfg.clusters,
                                         cfg.methods, cfg.seed, progress=False))[:args.candidates]
     layers = {m.layer for m in top}
-    out = {}
+    out, caches = {}, {}
     for mode in MODES:
-        cache = PrefixCache()
+        caches[mode] = PrefixCache()
         with precision(mode, lm.model):
             t0 = time.perf_counter()
-            base = sel.evaluate(cache, capture=layers)
-            t_base = time.perf_counter() - t0
-            rows = []
-            for c in cands:
+            base = sel.evaluate(caches[mode], capture=layers)
+        out[mode] = {"base": {"seconds": round(time.perf_counter() - t0, 3), "accuracy": base["accuracy"],
+                              "log_loss": base["log_loss"], "correct": base["correct"]}, "candidates": []}
+    # candidate by candidate, every precision in turn: other load on the machine slows each mode alike
+    for c in cands:
+        for mode in MODES:
+            with precision(mode, lm.model):
                 t1 = time.perf_counter()
-                r = evaluate_candidate(sel, c, cache)
-                rows.append({**c.edit.to_dict(), "layer": c.layer, "seconds": round(time.perf_counter() - t1, 3),
-                             "accuracy": r["accuracy"], "log_loss": r["log_loss"], "correct": r["correct"]})
-        out[mode] = {"base": {"seconds": round(t_base, 3), "accuracy": base["accuracy"],
-                              "log_loss": base["log_loss"], "correct": base["correct"]},
-                     "candidates": rows}
+                r = evaluate_candidate(sel, c, caches[mode])
+                seconds = time.perf_counter() - t1
+            out[mode]["candidates"].append({**c.edit.to_dict(), "layer": c.layer, "seconds": round(seconds, 3),
+                                            "accuracy": r["accuracy"], "log_loss": r["log_loss"],
+                                            "correct": r["correct"]})
     ref = out["fp32"]
     for mode in MODES:
         m = out[mode]
