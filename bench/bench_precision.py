@@ -104,7 +104,8 @@ def measure_task(args, lm, name: str) -> dict:
         for c, c32 in zip(m["candidates"], ref["candidates"]):
             c["flips"] = sum(a != b for a, b in zip(c["correct"], c32["correct"]))
             c["accuracy_delta"] = c["accuracy"] - c32["accuracy"]
-        order = sorted(range(len(cands)), key=lambda i: (-m["candidates"][i]["accuracy"], m["candidates"][i]["log_loss"], i))
+        cs = m["candidates"]
+        order = sorted(range(len(cands)), key=lambda i: (-cs[i]["accuracy"], cs[i]["log_loss"], i))
         m["best"] = order[:args.confirm_top]
         m["candidate_seconds"] = round(sum(c["seconds"] for c in m["candidates"]), 2)
         m["flips_total"] = sum(c["flips"] for c in m["candidates"])
@@ -128,7 +129,8 @@ def summary(out: Path) -> str:
             n = len(m["candidates"])
             lines.append(
                 f"| {u['task']} | {mode} | {m['base']['seconds']:.1f} | {m['candidate_seconds']:.1f} | "
-                f"{ref['candidate_seconds'] / m['candidate_seconds']:.2f}× | {m['base']['flips']} of {u['n_select']} | "
+                f"{ref['candidate_seconds'] / m['candidate_seconds']:.2f}× | "
+                f"{m['base']['flips']} of {u['n_select']} | "
                 f"{m['flips_total']} of {n * u['n_select']} | "
                 f"{max(abs(c['accuracy_delta']) for c in m['candidates']) * 100:.0f} pts | "
                 f"{'yes' if m['same_best'] else '**no**'} |")

@@ -56,29 +56,39 @@ def test_put_back_when_the_block_raises_and_model_means_no_autocast():
 
 
 def test_adapt_scores_in_bf16_and_confirms_and_reports_at_fp32(smollm2, data_dir, tmp_path, monkeypatch):
-    """On the real SmolLM2: the selection passes ran in bf16 (report says so), the held-out base numbers are
-    those of the fp32 run on the same rows, a candidate confirmed in both runs has the same confirmation numbers,
-    and the model comes back with its fp32 tensors."""
-    from c2i_fast.pipeline import AdaptConfig, adapt
-    monkeypatch.setenv("C2I_CACHE", str(tmp_path / "cache"))
-    small = dict(model="smollm2", task="fever", samples=24, test_size=16, confirm_size=50, top_k=1,
+    """On the real SmolLM2: the selection passes ran in bf16 (the report says so), while the held-out base and
+    every confirmed candidate's confirmation numbers are what an fp32 pass on those rows gives, and the model
+    comes back with its fp32 tensors."""
+    from c2i_fast.pipeline import AdaptConfig, _scorer, adapt
+    from c2i_fast.tasks import load_task, split
+    from c2i_fast.transform import Edit, factorize_, restore_
+    monkeypatch.setenv("C2I_CACHE", str(tmp_path / "cache"))          # no base metrics from earlier runs
+    small = dict(model="smollm2", task="fever", samples=24, test_size=16, confirm_size=50, confirm_top=1, top_k=1,
                  clusters=(1, 2), methods=("block",), rank_fractions=(0.1, 0.01), max_evals=3, threads=2,
                  progress=False, data_dir=str(data_dir))
     params = [p.data_ptr() for p in smollm2.model.parameters()]
-    full = adapt(AdaptConfig(out=str(tmp_path / "fp32"), **small), lm=smollm2)
-    low = adapt(AdaptConfig(out=str(tmp_path / "bf16"), search_dtype="bfloat16", **small), lm=smollm2)
-    assert full["search"]["dtype"] == "float32" and low["search"]["dtype"] == "bfloat16"
+    cfg = AdaptConfig(out=str(tmp_path / "bf16"), search_dtype="bfloat16", **small)
+    rep = adapt(cfg, lm=smollm2)
+    assert rep["search"]["dtype"] == "bfloat16"
     assert [p.data_ptr() for p in smollm2.model.parameters()] == params
     assert all(p.dtype == torch.float32 for p in smollm2.model.parameters())
-    assert low["test"]["base"] == full["test"]["base"]
-    # the bf16 selection pass is its own (not the scan's fp32 one), and close to it
-    assert abs(low["selection"]["base"]["accuracy"] - full["selection"]["base"]["accuracy"]) <= 0.1
-    def key(c):
-        return c["matrix"], c["rank_fraction"], c["n_clusters"], c["method"]
+    task = load_task("fever", str(data_dir))
+    rows = split(task, 24, 16, 0, n_confirm=50)
 
-    def fp32_part(c):                      # all but the selection accuracy, which was measured in bf16
-        return {k: v for k, v in c.items() if k != "selection_accuracy"}
-    conf_full = {key(c): c for c in full["decision"]["confirmed"]}
-    for c in low["decision"]["confirmed"]:
-        if key(c) in conf_full:
-            assert fp32_part(c) == fp32_part(conf_full[key(c)])
+    def fp32(examples, edit=None):
+        sc = _scorer(smollm2, task, examples, cfg)      # the run's own batching
+        if edit is None:
+            return sc.evaluate()
+        factorize_(smollm2.model, [edit])
+        try:
+            return sc.evaluate()
+        finally:
+            restore_(smollm2.model, [edit.matrix])
+    held = fp32(rows["test"])
+    assert rep["test"]["base"]["accuracy"] == held["accuracy"]
+    assert rep["test"]["base"]["log_loss"] == pytest.approx(held["log_loss"], rel=1e-6)
+    confirmed = rep["decision"]["confirmed"]
+    assert confirmed                                   # the rule re-scored candidates …
+    for c in confirmed:                                # … at fp32
+        r = fp32(rows["confirm"], Edit(c["matrix"], c["rank_fraction"], c["n_clusters"], c["method"]))
+        assert c["accuracy"] == r["accuracy"] and c["log_loss"] == pytest.approx(r["log_loss"], rel=1e-6)
