@@ -14,7 +14,9 @@ Per task the four methods select on the same rows and are judged on the same hel
 Each (model, task, method) cell is written atomically to ``<out>/<task>/<method>.json`` when it finishes (the
 run's whole report.json beside it, in ``<task>/reports/``) and skipped when it exists, so a killed run resumes;
 a run that finds every cell present loads no model. ``--skip-cell`` and ``--max-minutes`` write a cell with
-``"skipped": reason`` instead (delete the file to run it after all). The runs go c2i_fast, c2i, laser per task:
+``"skipped": reason`` instead (delete the file to run it after all). A cell's run works in
+``<out>/<task>/.work/<method>/`` (git-ignored), which outlives a killed run: the next run resumes it from its
+journal (the candidates scored before are not scored again) and the cell then says so (``resumed``). The runs go c2i_fast, c2i, laser per task:
 c2i_fast's measured seconds per layer-pass give the estimate ``--max-minutes`` compares with.
 
 Small tasks: the split needs ``--samples`` selection rows and at least ``MIN_TEST`` held-out ones; a task with
@@ -35,7 +37,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -48,6 +49,7 @@ from render_tasks import METHODS, cell_path, render, wilson  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_TEST = 50                 # fewest held-out rows a task keeps before its selection sample is halved
+WORK = ".work"          # <out>/<task>/.work/<method>/: a running cell's run folder, kept when killed (git-ignored)
 RUN_ORDER = ("c2i_fast", "c2i", "laser")      # c2i_fast first: the cheapest, and the others' time estimate
 LASER_RHO = 8                 # LASER's ρ grid (LaserConfig's default rank_fractions)
 
@@ -194,6 +196,9 @@ class Bench:
             if "base" in todo and not cell_path(self.out, task, "base").is_file():
                 self.write(task, "base", self.base_cell(cell, method))
             self.write(task, method, cell, report)
+            shutil.rmtree(self.out / task / WORK / method, ignore_errors=True)
+            if (self.out / task / WORK).is_dir() and not any((self.out / task / WORK).iterdir()):
+                (self.out / task / WORK).rmdir()
         failed = any(f.startswith(f"{task}/") for f in self.failed)
         if "base" in todo and not cell_path(self.out, task, "base").is_file():
             self.base_alone(task, sizes, own_pass=not failed)      # a failed method's rerun makes it anyway
@@ -210,39 +215,66 @@ class Bench:
         return (f"estimated {est[method] / 60:.0f} min > --max-minutes {limit:g} (from c2i_fast's "
                 f"{est['seconds_per_layer_pass']:.3g} s per layer-pass on this task)")
 
+    def attempts(self, task: str, method: str, plan: dict) -> tuple[Path, list[dict]]:
+        """The cell's work folder and its earlier attempts (each ``{"start", "last_progress"}``, epoch seconds).
+        A killed cell's run resumes from its journal (``adapt``/``laser`` ``resume``: candidates scored before
+        are not scored again) when the folder was made for the same run (``plan``); otherwise it starts over."""
+        work = self.out / task / WORK / method
+        cell = work / "cell.json"
+        if work.exists() and not (cell.is_file() and json.loads(cell.read_text()) == plan):
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cell, json.dumps(plan, indent=2, default=str) + "\n")
+        log, journal = work / "attempts.jsonl", work / "run" / "journal.jsonl"
+        earlier = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        if earlier and journal.is_file():       # the last attempt's useful span ends at its last journal line
+            earlier[-1].setdefault("last_progress", journal.stat().st_mtime)
+        now = {"start": time.time(), "commit": git_commit()}
+        atomic_write_text(log, "".join(json.dumps(e) + "\n" for e in [*earlier, now]))
+        return work, earlier
+
     def run_method(self, task: str, method: str, sizes: dict) -> tuple[dict, dict]:
         from c2i_fast.pipeline import AdaptConfig, LaserConfig, adapt, laser
         a = self.args
         common = dict(model=a.model, task=task, test_size=sizes["n_test"], seed=a.seed, data_dir=a.data_dir,
                       threads=a.threads, progress=not a.quiet)
-        work = Path(tempfile.mkdtemp(prefix="c2i-tasks-"))
-        try:
-            t0 = time.perf_counter()
-            if method == "laser":
-                layers = parse_layers(a.laser_layers)
-                # exact pruning: LASER's pick (accuracy, ties by log-loss) with fewer row-passes
-                rep = laser(LaserConfig(out=str(work / "run"), val_size=sizes["n_select"], layers=layers, draw=0,
-                                        draws=1, prune="exact", **common), lm=self.lm)
-                shipped, reason = bool(rep["plan"]), (
-                    f"LASER grid: layers {a.laser_layers or 'all'} × {{mlp_in, mlp_out}} × "
-                    f"{len(rep['config']['rank_fractions'])} ρ, best on the {rep['task']['n_val']} selection rows "
-                    f"(scored with exact pruning: {rep['search'].get('pruned', 0)} candidates stopped once they "
-                    f"could not be the best; the same pick as scoring every row)")
-                extra = {"laser_layers": a.laser_layers or "all", "prune": rep["search"].get("prune", "off")}
-            else:
-                grid = dict(samples=sizes["n_select"], top_k=a.top_k, rank_fractions=tuple(a.rank_fractions),
-                            clusters=tuple(a.clusters), methods=tuple(a.methods), confirm_size=a.confirm_size)
-                rule = dict(rule="paper", max_evals=0) if method == "c2i" else dict(rule="confirm",
-                                                                                     max_evals=a.max_evals)
-                rep = adapt(AdaptConfig(out=str(work / "run"), draws=1, **grid, **rule, **common), lm=self.lm)
-                shipped, reason = rep["decision"]["shipped"], rep["decision"]["reason"]
-                extra = {"rule": rule["rule"], "max_evals": rule["max_evals"]}
-                if method == "c2i_fast":
-                    extra["estimates"] = estimates(rep, parse_layers(a.laser_layers))
-            seconds = time.perf_counter() - t0
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        plan = {"method": method, "sizes": sizes, "settings": self.settings(), "model": a.model, "task": task}
+        work, earlier = self.attempts(task, method, plan)
+        common["resume"] = (work / "run" / "journal.jsonl").is_file()
+        if not common["resume"]:
+            shutil.rmtree(work / "run", ignore_errors=True)     # killed before its first candidate: start over
+        spent_before = sum(max(0.0, e.get("last_progress", e["start"]) - e["start"]) for e in earlier)
+        # no cleanup on failure: the work folder stays, and the next run resumes from its journal
+        t0 = time.perf_counter()
+        if method == "laser":
+            layers = parse_layers(a.laser_layers)
+            # exact pruning: LASER's pick (accuracy, ties by log-loss) with fewer row-passes
+            rep = laser(LaserConfig(out=str(work / "run"), val_size=sizes["n_select"], layers=layers, draw=0,
+                                    draws=1, prune="exact", **common), lm=self.lm)
+            shipped, reason = bool(rep["plan"]), (
+                f"LASER grid: layers {a.laser_layers or 'all'} × {{mlp_in, mlp_out}} × "
+                f"{len(rep['config']['rank_fractions'])} ρ, best on the {rep['task']['n_val']} selection rows "
+                f"(scored with exact pruning: {rep['search'].get('pruned', 0)} candidates stopped once they "
+                f"could not be the best; the same pick as scoring every row)")
+            extra = {"laser_layers": a.laser_layers or "all", "prune": rep["search"].get("prune", "off")}
+        else:
+            grid = dict(samples=sizes["n_select"], top_k=a.top_k, rank_fractions=tuple(a.rank_fractions),
+                        clusters=tuple(a.clusters), methods=tuple(a.methods), confirm_size=a.confirm_size)
+            rule = dict(rule="paper", max_evals=0) if method == "c2i" else dict(rule="confirm",
+                                                                                 max_evals=a.max_evals)
+            rep = adapt(AdaptConfig(out=str(work / "run"), draws=1, **grid, **rule, **common), lm=self.lm)
+            shipped, reason = rep["decision"]["shipped"], rep["decision"]["reason"]
+            extra = {"rule": rule["rule"], "max_evals": rule["max_evals"]}
+            if method == "c2i_fast":
+                extra["estimates"] = estimates(rep, parse_layers(a.laser_layers))
+        seconds = time.perf_counter() - t0
         fp, sr = rep["forward_passes"], rep["search"]
+        if earlier:
+            extra["resumed"] = {"attempts": len(earlier) + 1, "seconds_this_run": round(seconds, 1),
+                                "seconds_earlier": round(spent_before, 1),
+                                "note": "wall = this run + each earlier run up to its last journaled candidate; "
+                                        "layer-passes: this run's only (journaled candidates were not rescored)"}
+            seconds += spent_before
         cell = {"sizes": {**sizes, "n_select": rep["task"].get("n_select", rep["task"].get("n_val")),
                           "n_test": rep["task"]["n_test"], "n_confirm": rep["task"].get("n_confirm")},
                 "held_out": held_out(rep["test"]), "base_held_out": held_out(rep["test"], "base"),

@@ -111,9 +111,11 @@ def row(cell: dict) -> str:
     changed = "—" if method == "base" else fmt_pct(h.get("changed"))
     loss = num(h.get("log_loss"))
     passes = cell.get("layer_passes")
+    # a cell resumed after a kill: its wall sums the runs, its layer-passes are the last run's only
+    resumed = f" (resumed, {cell['resumed']['attempts']} runs)" if cell.get("resumed") else ""
     cols = [task, method, _sizes(cell), acc, majority.replace("|", "/"), delta, fixed, p, changed,
-            "—" if loss is None else f"{loss:.3f}", _plan(cell), fmt_seconds(cell.get("seconds")),
-            "—" if passes is None else f"{passes:,.0f}"]
+            "—" if loss is None else f"{loss:.3f}", _plan(cell), fmt_seconds(cell.get("seconds")) + resumed,
+            "—" if passes is None else f"{passes:,.0f}" + (" (last run)" if resumed else "")]
     return "| " + " | ".join(cols) + " |"
 
 

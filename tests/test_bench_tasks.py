@@ -204,3 +204,46 @@ def test_end_to_end_tiny_run_resumes_and_renders(bench, render, tmp_path, monkey
     rows = [ln for ln in md.splitlines() if ln.startswith("| fever |")]
     assert len(rows) == 4 and not any("not run yet" in r or "skipped" in r for r in rows)
     assert all("%" in r.split("|")[4] for r in rows)                  # an accuracy in every row
+
+
+def test_a_killed_cell_resumes_its_run_and_a_changed_one_starts_over(bench, tmp_path, monkeypatch):
+    """A cell's run folder (<out>/<task>/.work/<method>/run) outlives a killed or failed run: the next run passes
+    ``resume`` (adapt/laser then skip the journaled candidates, tests/test_reliability.py) and the cell says it was
+    resumed; the folder goes once the cell is written. Faked runs: a real LASER report stands in for the result."""
+    import c2i_fast.pipeline as pipeline
+    real = json.loads((bench.REPO / "bench/results/tasks-smollm2/counterfact_rewrite_all/reports/laser.json")
+                      .read_text())
+    calls = []
+
+    def fake_laser(cfg, lm=None):
+        calls.append(cfg.resume)
+        run = bench.Path(cfg.out)
+        run.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            (run / "journal.jsonl").write_text('{"key": "first candidate"}\n')
+            raise RuntimeError("killed after one candidate")
+        assert (run / "journal.jsonl").read_text().count("\n") == 1        # what the killed run left
+        return real
+    monkeypatch.setattr(pipeline, "laser", fake_laser)
+    monkeypatch.setattr(bench.Bench, "lm", property(lambda self: None))
+    out = tmp_path / "tasks"
+    argv = ["--model", "smollm2", "--tasks", "fever", "--cells", "laser", "--quiet", "--out", str(out)]
+    assert bench.main(argv) != 0                                # the cell failed: no file, its folder kept
+    work = out / "fever" / bench.WORK / "laser"
+    assert not (out / "fever" / "laser.json").exists() and (work / "run" / "journal.jsonl").is_file()
+    assert bench.main(argv) == 0 and calls == [False, True]
+    cell = json.loads((out / "fever" / "laser.json").read_text())
+    assert cell["resumed"]["attempts"] == 2 and cell["seconds"] >= cell["resumed"]["seconds_this_run"]
+    assert not (out / "fever" / bench.WORK).exists()             # written: the run folder is gone
+
+    # a folder left by a run of another plan (other settings, sizes …) is started over, not resumed
+    from types import SimpleNamespace
+    me = SimpleNamespace(out=out)
+    work, earlier = bench.Bench.attempts(me, "fever", "laser", {"settings": {"top_k": 5}})
+    (work / "run").mkdir()
+    (work / "run" / "journal.jsonl").write_text('{"key": "a"}\n')
+    work, earlier = bench.Bench.attempts(me, "fever", "laser", {"settings": {"top_k": 5}})
+    assert len(earlier) == 1 and earlier[0]["last_progress"] >= earlier[0]["start"]
+    assert (work / "run" / "journal.jsonl").is_file()
+    work, earlier = bench.Bench.attempts(me, "fever", "laser", {"settings": {"top_k": 7}})
+    assert earlier == [] and not (work / "run").exists()
