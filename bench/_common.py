@@ -34,9 +34,9 @@ def load_kernels():
 
 @functools.lru_cache(maxsize=None)
 def git_commit() -> str | None:
-    """The checkout's short commit when this process first asked (a bench asks at its start, so a unit written
-    hours later still names the code the process loaded, not a commit made meanwhile), "+dirty" when tracked
-    files other than results and docs (bench/results/, docs/, *.md) differ from it."""
+    """The checkout's short commit when this process first asked — when it imported this module (below), so a
+    unit written hours later still names the code the process loaded, not a commit made meanwhile — "+dirty"
+    when tracked files other than results and docs (bench/results/, docs/, *.md) differ from it."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -56,3 +56,6 @@ def parse_layers(spec: str | None) -> tuple | None:
         lo, hi = (int(x) for x in spec.split("-"))
         return tuple(range(lo, hi + 1))
     return tuple(int(x) for x in spec.split(","))
+
+
+git_commit()        # asked at import: every bench imports this module as it starts

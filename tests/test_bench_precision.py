@@ -41,3 +41,11 @@ def test_summary_reads_the_units(bench, tmp_path):
     rows = bench.summary(tmp_path).splitlines()
     assert len(rows) == 4 and all(r.count("|") == 10 for r in rows)
     assert rows[3] == "| fever | autocast | 2.0 | 5.0 | 2.00× | 1 of 100 | 5 of 200 | 3 pts | **no** |"
+
+
+def test_benches_ask_their_commit_as_they_start(bench):
+    # bench/_common asks git when imported: a unit written hours later names the code its process loaded
+    import _common
+    assert _common.git_commit.cache_info().currsize == 1
+    before = _common.git_commit.cache_info().misses
+    assert _common.git_commit() == _common.git_commit() and _common.git_commit.cache_info().misses == before
