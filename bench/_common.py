@@ -58,4 +58,20 @@ def parse_layers(spec: str | None) -> tuple | None:
     return tuple(int(x) for x in spec.split(","))
 
 
+def scanned_selection(model: str, lm, task_name: str, samples: int):
+    """What ``c2i adapt`` at its defaults has before its candidates, on draw 0 of ``task_name``: (config, the
+    selection Scorer, every target matrix, the scan's top-K). Imports c2i_fast (and torch) when called."""
+    from c2i_fast.models import target_matrices
+    from c2i_fast.pipeline import AdaptConfig, _scorer
+    from c2i_fast.scan import scan
+    from c2i_fast.tasks import check_tokenization, load_task, split
+    cfg = AdaptConfig(model=model, task=task_name, out="-", samples=samples)
+    task = check_tokenization(load_task(task_name), lm.tokenizer)
+    rows = split(task, cfg.samples, cfg.test_size, cfg.seed, n_confirm=cfg.confirm_size)["select"]
+    sel = _scorer(lm, task, rows, cfg)
+    refs = target_matrices(lm.model)
+    top = scan(sel, refs, list(cfg.rank_fractions), cfg.top_k, progress=False, svd=cfg.scan_svd).top(cfg.top_k)
+    return cfg, sel, refs, top
+
+
 git_commit()        # asked at import: every bench imports this module as it starts

@@ -33,7 +33,7 @@ from c2i_fast.openmp import choose_wait_policy, threads_in  # no torch import
 WAIT_POLICY = choose_wait_policy(threads_in(sys.argv[1:]) or 2)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import git_commit  # noqa: E402
+from _common import git_commit, scanned_selection  # noqa: E402
 
 MODES = ("fp32", "autocast", "bf16-weights")
 
@@ -64,18 +64,8 @@ def precision(mode: str, model):
 def measure_task(args, lm, name: str) -> dict:
     """One task's unit: the scan, then base + candidates under each precision."""
     from c2i_fast.replay import PrefixCache
-    from c2i_fast.models import target_matrices
-    from c2i_fast.pipeline import AdaptConfig, _scorer
-    from c2i_fast.scan import scan
     from c2i_fast.search import build_candidates, evaluate_candidate, interleave
-    from c2i_fast.tasks import check_tokenization, load_task, split
-    cfg = AdaptConfig(model=args.model, task=name, out="-", samples=args.samples)
-    task = check_tokenization(load_task(name), lm.tokenizer)
-    sel = _scorer(lm, task, split(task, cfg.samples, cfg.test_size, cfg.seed, n_confirm=cfg.confirm_size)["select"],
-                  cfg)
-    refs = target_matrices(lm.model)
-    sc = scan(sel, refs, list(cfg.rank_fractions), cfg.top_k, progress=False, svd=cfg.scan_svd)
-    top = sc.top(cfg.top_k)
+    cfg, sel, refs, top = scanned_selection(args.model, lm, name, args.samples)
     cands = interleave(build_candidates(top, {r.name: r for r in refs}, cfg.rank_fractions, cfg.clusters,
                                         cfg.methods, cfg.seed, progress=False))[:args.candidates]
     layers = {m.layer for m in top}

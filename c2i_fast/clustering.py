@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .errors import C2IError
-from .svd import count_nonfinite, full_svd
+from .svd import SVD, count_nonfinite, full_svd
 
 CLUSTER_METHODS = ("block", "kmeans", "projective")
 KMEANS_ITERS = 50            # Lloyd iterations (it stops earlier once the labels no longer change)
@@ -75,27 +75,41 @@ def _kmeans_labels(x: Tensor, k: int, seed: int, iters: int) -> Tensor:
     return labels.cpu()
 
 
-def _subspace_fit(x: Tensor, labels: Tensor, k: int, j: int, old: Tensor | None) -> tuple[Tensor, float]:
+def membership(labels: Tensor, c: int) -> bytes:
+    """Which rows are in cluster ``c`` (labels (m,) on the CPU), as bytes: the key of a cluster's SVD in ``fits``."""
+    return (labels == c).numpy().tobytes()
+
+
+def _subspace_fit(x: Tensor, labels: Tensor, k: int, j: int, old: Tensor | None,
+                  fits: dict[bytes, SVD] | None = None) -> tuple[Tensor, float, dict[bytes, SVD]]:
     """Best j-dim linear subspace per cluster (top-j right singular vectors of its rows) and the objective.
 
-    Returns bases (k, n, j) (zero-padded when a cluster has fewer than j directions) and Σ_c Σ_{i>j} σ_{c,i}²
-    = Σ_rows ||x - x V_c V_cᵀ||². An empty cluster keeps its previous basis (``old``) so it can win rows back.
+    Returns bases (k, n, j) (zero-padded when a cluster has fewer than j directions), Σ_c Σ_{i>j} σ_{c,i}²
+    = Σ_rows ||x - x V_c V_cᵀ||², and each non-empty cluster's SVD by :func:`membership`. An empty cluster keeps
+    its previous basis (``old``) so it can win rows back. A cluster whose rows are a key of ``fits`` (an earlier
+    fit on the same ``x``) reuses that SVD: the same rows in the same order give the same bits.
     """
     n = x.shape[1]
     bases = x.new_zeros(k, n, j)
     obj = 0.0
+    labels = labels.cpu()
     lab = labels.to(x.device)
+    new: dict[bytes, SVD] = {}
     for c in range(k):
-        rows = x[lab == c]
-        if rows.shape[0] == 0:
-            if old is not None:
-                bases[c] = old[c]
-            continue
-        svd = full_svd(rows)
+        key = membership(labels, c)
+        svd = (fits or {}).get(key)
+        if svd is None:
+            rows = x[lab == c]
+            if rows.shape[0] == 0:
+                if old is not None:
+                    bases[c] = old[c]
+                continue
+            svd = full_svd(rows)
+        new[key] = svd
         jj = min(j, svd.p)
         bases[c, :, :jj] = svd.v[:, :jj]
         obj += svd.tail_energy(jj)
-    return bases, obj
+    return bases, obj, new
 
 
 def projective_objective(w: Tensor, labels: Tensor, rank: int) -> float:
@@ -108,15 +122,18 @@ def projective_objective(w: Tensor, labels: Tensor, rank: int) -> float:
     return _subspace_fit(w.detach().float(), labels, int(labels.max()) + 1, rank, None)[1]
 
 
-def _projective_labels(x: Tensor, k: int, j: int, init: Tensor, iters: int) -> Tensor:
+def _projective_labels(x: Tensor, k: int, j: int, init: Tensor, iters: int
+                       ) -> tuple[Tensor, float, dict[bytes, SVD]]:
     """Alternating projective clustering (Maalouf et al., ICLR 2021): assign every row to the subspace that
     reconstructs it best, refit each subspace by SVD, repeat. Both steps can only lower the objective in exact
     arithmetic; we still keep the best labelling seen so round-off can never make the result worse than init.
+    Returns the best labels, their objective and their clusters' SVDs (a cluster no row left or joined since
+    the last refit keeps its SVD).
     """
     x_sq = (x * x).sum(1)
     labels = init.clone()
-    bases, obj = _subspace_fit(x, labels, k, j, None)
-    best_labels, best_obj = labels.clone(), obj
+    bases, obj, fits = _subspace_fit(x, labels, k, j, None)
+    best_labels, best_obj, best_fits = labels.clone(), obj, fits
     tol = 1e-6 * x_sq.clamp_min(1e-30)     # a row moves only for a real gain: avoids oscillating on ties
     for _ in range(iters):
         # ||x V_c||² per row and cluster (larger = smaller residual ||x||² - ||x V_c||²); one GEMM per cluster
@@ -128,12 +145,12 @@ def _projective_labels(x: Tensor, k: int, j: int, init: Tensor, iters: int) -> T
         if torch.equal(new, labels):
             break
         labels = new
-        bases, obj = _subspace_fit(x, labels, k, j, bases)
+        bases, obj, fits = _subspace_fit(x, labels, k, j, bases, fits)
         if obj < best_obj:
-            best_labels, best_obj = labels.clone(), obj
+            best_labels, best_obj, best_fits = labels.clone(), obj, fits
         else:       # no progress (only possible through round-off): stop, the best is kept
             break
-    return best_labels
+    return best_labels, best_obj, best_fits
 
 
 def _sampled_subspace_labels(x: Tensor, k: int, j: int, gen: torch.Generator) -> Tensor:
@@ -151,7 +168,8 @@ def _sampled_subspace_labels(x: Tensor, k: int, j: int, gen: torch.Generator) ->
 
 
 def assign_clusters(w: Tensor, k: int, method: str = "block", *, rank: int | None = None, seed: int = 0,
-                    iters: int | None = None, init: str = "kmeans", restarts: int = PROJECTIVE_RESTARTS) -> Tensor:
+                    iters: int | None = None, init: str = "kmeans", restarts: int = PROJECTIVE_RESTARTS,
+                    fits: dict[bytes, SVD] | None = None) -> Tensor:
     """Cluster the m rows of ``w`` (m, n) into ``k`` groups → labels (m,) int64 in [0, k). Clusters may be empty.
 
     method:
@@ -163,6 +181,10 @@ def assign_clusters(w: Tensor, k: int, method: str = "block", *, rank: int | Non
                          lowest objective wins, so the result is never worse than ``init``. Alternating
                          minimisation stalls in local minima; the restarts are what makes it find planted
                          subspaces. Cost: (1 + restarts) × iters × k SVDs of a cluster's rows at most.
+
+    ``fits`` (a dict, projective only) receives the SVD of every cluster of the returned labels, by
+    :func:`membership`: :meth:`c2i_fast.decompose.ClusteredSVD.fit` then takes them instead of computing them
+    again (the same bits).
     """
     if w.dim() != 2:
         raise C2IError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
@@ -186,14 +208,14 @@ def assign_clusters(w: Tensor, k: int, method: str = "block", *, rank: int | Non
     else:
         raise C2IError(f"unknown projective init {init!r}; choose 'kmeans' or 'block'")
     j, its = min(rank, n), PROJECTIVE_ITERS if iters is None else iters
-    best = _projective_labels(x, k, j, start, its)
-    best_obj = _subspace_fit(x, best, k, j, None)[1]
+    best, best_obj, best_fits = _projective_labels(x, k, j, start, its)
     gen = torch.Generator(device="cpu").manual_seed(int(seed) + 1)
     for _ in range(max(0, restarts)):
-        lab = _projective_labels(x, k, j, _sampled_subspace_labels(x, k, j, gen), its)
-        obj = _subspace_fit(x, lab, k, j, None)[1]
+        lab, obj, lab_fits = _projective_labels(x, k, j, _sampled_subspace_labels(x, k, j, gen), its)
         if obj < best_obj:
-            best, best_obj = lab, obj
+            best, best_obj, best_fits = lab, obj, lab_fits
+    if fits is not None:
+        fits.update(best_fits)
     return best
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .clustering import (CLUSTER_METHODS, KMEANS_ITERS, PROJECTIVE_ITERS, PROJECTIVE_RESTARTS,  # noqa: F401
-                         assign_clusters, check_k, projective_objective)
+                         assign_clusters, check_k, membership, projective_objective)
 from .errors import C2IError
 from .svd import SVD, LowRankFactors, count_nonfinite, full_svd, rank_for  # noqa: F401  (this module's API too)
 
@@ -146,9 +146,11 @@ class ClusteredSVD:
         return torch.diff(self.row_offsets).tolist()
 
     @classmethod
-    def fit(cls, w: Tensor, labels: Tensor, n_clusters: int | None = None, *, name: str | None = None
-            ) -> "ClusteredSVD":
-        """SVD of each cluster's rows. w: (m, n); labels: (m,) ints in [0, k). k defaults to labels.max()+1."""
+    def fit(cls, w: Tensor, labels: Tensor, n_clusters: int | None = None, *, name: str | None = None,
+            known: dict[bytes, SVD] | None = None) -> "ClusteredSVD":
+        """SVD of each cluster's rows. w: (m, n); labels: (m,) ints in [0, k). k defaults to labels.max()+1.
+        ``known``: SVDs the clustering already took of these clusters' rows of ``w`` (by
+        :func:`c2i_fast.clustering.membership`; projective clustering's last refit), used as they are."""
         m, n = w.shape
         labels = torch.as_tensor(labels).to(device="cpu", dtype=torch.int64)
         if labels.shape != (m,):
@@ -168,7 +170,10 @@ class ClusteredSVD:
         svds = []
         for c in range(k):
             r0, r1 = int(row_offsets[c]), int(row_offsets[c + 1])
-            svds.append(full_svd(w32[ri[r0:r1]], name=f"{name}[cluster {c}]" if name else None))
+            # the cluster's rows in ascending order, as the clustering took them: the same matrix, the same SVD
+            svd = (known or {}).get(membership(labels, c)) if r1 > r0 else None
+            svds.append(svd if svd is not None else
+                        full_svd(w32[ri[r0:r1]], name=f"{name}[cluster {c}]" if name else None))
         return cls((m, n), labels, row_index, row_offsets, svds)
 
     def ranks_for(self, rho: float) -> list[int]:
@@ -243,19 +248,23 @@ def subspace_rank(edit: "Edit", m: int, n: int) -> int:
     return rank_for(edit.rank_fraction, math.ceil(m / edit.n_clusters), n)
 
 
-def cluster_labels(w: Tensor, edit: "Edit") -> Tensor:
+def cluster_labels(w: Tensor, edit: "Edit", fits: dict | None = None) -> Tensor:
     """(m,) cluster of each row of ``w`` (m, n) as ``edit`` prescribes: its k, method, seed, and (None = the
-    defaults KMEANS_ITERS, PROJECTIVE_ITERS, PROJECTIVE_RESTARTS) iterations and restarts."""
+    defaults KMEANS_ITERS, PROJECTIVE_ITERS, PROJECTIVE_RESTARTS) iterations and restarts. ``fits``: see
+    :func:`c2i_fast.clustering.assign_clusters`."""
     m, n = w.shape
     rank = subspace_rank(edit, m, n) if edit.method == "projective" else None
     restarts = PROJECTIVE_RESTARTS if edit.restarts is None else edit.restarts
     return assign_clusters(w, edit.n_clusters, edit.method, rank=rank, seed=edit.seed, iters=edit.iters,
-                           restarts=restarts)
+                           restarts=restarts, fits=fits)
 
 
 def fit_clusters(w: Tensor, edit: "Edit", *, name: str | None = None) -> ClusteredSVD:
-    """The rows of ``w`` (m, n) clustered as ``edit`` prescribes, each cluster's SVD taken: serves every ρ."""
-    return ClusteredSVD.fit(w, cluster_labels(w, edit), edit.n_clusters, name=name)
+    """The rows of ``w`` (m, n) clustered as ``edit`` prescribes, each cluster's SVD taken: serves every ρ.
+    Projective clustering's own last SVDs of these clusters serve as they are (not taken twice)."""
+    fits: dict = {}
+    labels = cluster_labels(w, edit, fits)
+    return ClusteredSVD.fit(w, labels, edit.n_clusters, name=name, known=fits)
 
 
 def fit(w: Tensor | None, edit: "Edit", source: SVD | ClusteredSVD | None = None, *,

@@ -94,10 +94,11 @@ def build_candidates(scans: list[MatrixScan], refs: dict[str, MatrixRef], rank_f
                     "subspace_rank": rank_for(best_rho, -(-m // k), n), "iters": SEARCH_PROJECTIVE_ITERS,
                     "restarts": SEARCH_PROJECTIVE_RESTARTS}
                 edits = [Edit(ms.name, rho, k, method, seed, **recipe) for rho in rank_fractions]
-                labels = cluster_labels(w, edits[0])
+                taken: dict = {}                  # projective clustering's own SVDs of its final clusters
+                labels = cluster_labels(w, edits[0], taken)
                 same = (k, _partition(labels))
                 if same not in fits:
-                    fits[same] = ClusteredSVD.fit(w, labels, k, name=ms.name)
+                    fits[same] = ClusteredSVD.fit(w, labels, k, name=ms.name, known=taken)
                 fitted = fits[same]
                 for e in edits:
                     out.append(Candidate(e, ms.layer, fitted.truncation_delta(ms.grad, e.rank_fraction), fitted))

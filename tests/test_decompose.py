@@ -180,6 +180,44 @@ def test_projective_does_not_increase_objective_and_finds_subspaces():
     assert _same_partition(lab, truth)
 
 
+def test_projective_clustering_hands_its_svds_to_the_fit_bit_for_bit(monkeypatch):
+    """fit_clusters takes projective clustering's last SVDs of its final clusters instead of computing them
+    again, and a refit that moved no row of a cluster reuses that cluster's SVD: the same factors to the bit as
+    SVDs taken afresh, with fewer SVDs."""
+    import c2i_fast.clustering as clustering
+    import c2i_fast.decompose as decompose
+    from c2i_fast.decompose import fit_clusters
+    from c2i_fast.plan import Edit
+    w, _ = _subspace_data(seed=2)
+    calls = []
+
+    def counting(rows, *a, **k):
+        calls.append(tuple(rows.shape))
+        return full_svd(rows, *a, **k)
+    monkeypatch.setattr(clustering, "full_svd", counting)
+    monkeypatch.setattr(decompose, "full_svd", counting)
+    for restarts in (0, 2):
+        edit = Edit("w", 0.1, 3, "projective", 0, subspace_rank=2, iters=5, restarts=restarts)
+        calls.clear()
+        fast = fit_clusters(w, edit)
+        n_fast = len(calls)
+        labels = decompose.cluster_labels(w, edit)          # no hand-over: the fit takes every SVD anew
+        calls.clear()
+        fresh = ClusteredSVD.fit(w, labels, 3)
+        assert len(calls) == 3 and n_fast > 0
+        assert torch.equal(fast.labels, fresh.labels)
+        for a, b in zip(fast.svds, fresh.svds):
+            assert torch.equal(a.u, b.u) and torch.equal(a.s, b.s) and torch.equal(a.v, b.v)
+        for rho in (0.1, 0.5):
+            assert torch.equal(fast.factors(rho).reconstruct(), fresh.factors(rho).reconstruct())
+    # a labelling whose clusters are all known takes no SVD at all
+    fits: dict = {}
+    labels = assign_clusters(w, 3, "projective", rank=2, seed=0, iters=5, restarts=0, fits=fits)
+    calls.clear()
+    ClusteredSVD.fit(w, labels, 3, known=fits)
+    assert calls == [] and len(fits) == 3
+
+
 def test_projective_objective_equals_clustered_reconstruction_error():
     w, _ = _subspace_data(seed=1)
     lab = assign_clusters(w, 3, "projective", rank=2, init="block")
