@@ -41,7 +41,8 @@ def search_precision(model: nn.Module, name: str):
     if not lowers_precision(model, name):
         yield model
         return
-    device = next(model.parameters()).device.type
+    # where the matmuls run (an accelerate-offloaded parameter sits on "meta" until its layer runs)
+    device = next((p.device.type for p in model.parameters() if p.device.type != "meta"), "cpu")
     head = model.get_output_embeddings()
     full = head.forward if head is not None else None
     own = head.__dict__.get("forward") if head is not None else None     # e.g. accelerate's hook wrapper
