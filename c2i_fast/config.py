@@ -71,7 +71,7 @@ class AdaptConfig(RunConfig):
     alpha: float = 0.05                 # the confirmed gain's one-sided p × confirm_top must be ≤ alpha
     compare_rules: bool = False         # bench: report every rule's plan on the held-out split
     only_draw: int | None = None        # bench: run draw ``only_draw`` of ``draws`` alone (one unit per draw)
-    # Stop scoring a candidate once it cannot be among the best max(1, confirm_top) (c2i_fast.search.Pruner):
+    # Stop scoring a candidate once it cannot be among the best the rule reads (c2i_fast.search.prune_keep):
     # "exact" (the same plans and top candidates as "off"), "race" / "halve" (fewer passes, not always the same
     # plan) or "off" (every candidate scored on every row).
     prune: str = "exact"

@@ -35,7 +35,8 @@ from .report_data import SCHEMA     # the report.json layout build_report writes
 from .scan import SCAN_SVDS, scan
 from .svd import remembered_svds
 from .precision import lowers_precision, search_dtype, search_precision
-from .search import PRUNE_MODES, Candidate, build_candidates, candidate_factors, prune_mode, rank, search
+from .search import (PRUNE_MODES, Candidate, build_candidates, candidate_factors, prune_keep, prune_mode, rank,
+                     search)
 from .stats import paired_difference, selection_gain_test
 from .tasks import check_tokenization, load_task, split, split_with_test
 from .transform import Edit, Plan, factorize_, restore_
@@ -413,7 +414,7 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict,
     journal = out / (JOURNAL if draw == 0 else f"journal.draw{draw}.jsonl")
     done = _read_journal(journal) if cfg.resume else {}
     prune, prune_off = prune_mode(cfg, task, len(splits["confirm"]), MIN_CONFIRM_ROWS)
-    keep = max(1, cfg.confirm_top)
+    keep = prune_keep(cfg)
     lowered = lowers_precision(model, cfg.search_dtype)
     with search_precision(model, cfg.search_dtype):
         t2 = time.perf_counter()

@@ -540,9 +540,18 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
                         {"search": time.perf_counter() - t0}, passes, prune, len(cut), row_passes, saved)
 
 
+def prune_keep(cfg) -> int:
+    """How many of the best candidates the run's decisions read, so how many the Pruner must keep exact: the
+    paper rule reads the best one only (its plan), the confirm rule re-scores the best ``confirm_top``, and
+    ``compare_rules`` decides every rule on one search."""
+    if cfg.rule == "paper" and not cfg.compare_rules:
+        return 1
+    return max(1, cfg.confirm_top)
+
+
 def prune_mode(cfg, task, n_confirm: int, min_confirm_rows: int) -> tuple[str, str | None]:
     """The pruning rule the search uses, and why it is off where the run asked for it but cannot have it: the
-    Pruner keeps exact only what reads the best max(1, confirm_top) candidates by accuracy."""
+    Pruner keeps exact only what reads the best :func:`prune_keep` candidates by accuracy."""
     if cfg.prune == "off":
         return "off", None
     why = None

@@ -21,6 +21,7 @@ def _numbers(rep):
 
 def test_same_plan_and_numbers_as_c2i_adapt_and_the_model_is_left_alone(smollm2, data_dir, tmp_path, monkeypatch):
     cli = run(AdaptConfig(model="smollm2", task="fever", out=str(tmp_path / "cli"), data_dir=str(data_dir), **OPTS))
+    assert cli["search"]["prune_keep"] == 1          # the paper rule reads its pick only
     monkeypatch.setenv("C2I_CACHE", str(tmp_path / "cache"))
     before = fingerprint(smollm2.model)
     res = c2i_fast.adapt(smollm2.model, smollm2.tokenizer, "fever", data_dir=str(data_dir), **OPTS)

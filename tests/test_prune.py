@@ -227,3 +227,12 @@ def test_search_on_smollm2_prunes_without_changing_the_plan(smollm2, data_dir):
     assert [c.key() for c in on.best] == [c.key() for c in off.best] and on.final == off.final
     assert [c.key() for c in rank(on.evaluated)[:3]] == [c.key() for c in rank(off.evaluated)[:3]]
     assert on.row_passes + on.row_passes_saved == off.row_passes
+
+
+def test_the_paper_rule_keeps_only_its_pick_exact():
+    from c2i_fast.config import AdaptConfig
+    from c2i_fast.search import prune_keep
+    assert prune_keep(AdaptConfig(model="m", task="t", out="-", rule="paper")) == 1
+    assert prune_keep(AdaptConfig(model="m", task="t", out="-", rule="paper", compare_rules=True)) == 3
+    assert prune_keep(AdaptConfig(model="m", task="t", out="-", rule="confirm", confirm_top=4)) == 4
+
