@@ -192,8 +192,10 @@ class Scorer:
         return layers
 
     def run(self, cache: PrefixCache | None = None, start_layer: int = 0, capture: set[int] = frozenset(),
-            grad: bool = False, only: set[int] | None = None, within: str | None = None):
-        """Yield (batch, row stats) for each batch; reuse/capture the prefix cache as asked.
+            grad: bool = False, only: set[int] | None = None, within: str | None = None,
+            order: list[int] | None = None):
+        """Yield (batch, row stats) for each batch (in ``order``, batch indices, when given); reuse/capture the
+        prefix cache as asked.
 
         A cache captured for another batch layout (before an out-of-memory split) is dropped; a batch whose
         cache entry is missing runs from layer 0 and captures it; without a cache every pass runs from layer 0.
@@ -213,9 +215,11 @@ class Scorer:
             start_layer = 0
         from tqdm.auto import tqdm
         kv = None
-        for bi, b in enumerate(tqdm(self.batches, desc="evaluate", disable=not self.progress, leave=False)):
+        for bi in tqdm(range(len(self.batches)) if order is None else order, desc="evaluate",
+                       disable=not self.progress, leave=False):
             if only is not None and bi not in only:
                 continue
+            b = self.batches[bi]
             with torch.set_grad_enabled(grad):
                 if self.prefix_ids and (kv is None or grad):     # with grad: each batch's graph is freed
                     kv = self._prefix_kv(cache, start_layer, capture)
@@ -333,8 +337,10 @@ class Scorer:
         scored, the examples still to come, and ``outcomes`` (example index → correct) of the scored ones (the
         pass's own dict, growing batch by batch: copy it to keep it); True ends the pass and returns
         :meth:`pruned_result` instead of the metrics.
-        A pass that is not stopped returns exactly what it would without ``stop`` (the same batches, in the same
-        order, into the same :meth:`metrics`). Ignored for generation tasks (accuracy comes from generate())."""
+        ``stop.likely_wrong`` (a :class:`~c2i_fast.search.Stop`), when set, orders the batches
+        (:meth:`stopping_order`). A pass that is not stopped returns exactly what it would without ``stop`` (the
+        same batches, put back in their own order before :meth:`metrics`, so the same sums in the same order).
+        Ignored for generation tasks (accuracy comes from generate())."""
         while True:
             try:
                 return self._evaluate(cache, start_layer, capture, generate, within, stop)
@@ -345,19 +351,34 @@ class Scorer:
         if stop is None or not self.can_stop_early():
             return self.metrics(self.run(cache, start_layer, capture, within=within), generate)
         pairs, outcomes = [], {}
-        for b, stats in self.run(cache, start_layer, capture, within=within):
+        order = self.stopping_order(getattr(stop, "likely_wrong", None))
+        for b, stats in self.run(cache, start_layer, capture, within=within, order=order):
             pairs.append((b, stats))
             outcomes.update((e, self.example_correct(d, self.examples[e]))
                             for e, d in self.complete_examples(pairs).items() if e not in outcomes)
             correct = sum(outcomes.values())
             if len(outcomes) < len(self.examples) and stop(correct, len(self.examples) - len(outcomes), outcomes):
                 return self.pruned_result(len(outcomes), correct, len(pairs))
-        return self.metrics(pairs, generate)
+        at = {id(b): i for i, b in enumerate(self.batches)}
+        return self.metrics(sorted(pairs, key=lambda p: at[id(p[0])]), generate)
 
     # -- early stopping ---------------------------------------------------------------------------------
     def can_stop_early(self) -> bool:
         """Is an example's correctness known batch by batch? Not for generation (scored by greedy decoding)."""
         return self.kind in ("classification", "recall")
+
+    def stopping_order(self, likely_wrong: list[bool] | None) -> list[int]:
+        """Batch indices for a pass that may stop early: the batches whose rows belong most often to examples in
+        ``likely_wrong`` (per example; by the fraction of the batch's rows) first, ties in their own order.
+        A pass stops once its wrong answers exceed what the bar allows, so the rows where wrong answers are
+        likely go first. None: the batches' own order."""
+        if likely_wrong is None:
+            return list(range(len(self.batches)))
+
+        def share(i: int) -> float:
+            rows = self.batches[i].rows
+            return sum(bool(likely_wrong[r.example]) for r in rows) / max(1, len(rows))
+        return sorted(range(len(self.batches)), key=lambda i: -share(i))
 
     def rows_per_example(self) -> list[int]:
         """(n_examples,) how many rows each example spreads over (1, or one per choice when not packed)."""

@@ -208,19 +208,38 @@ def correct_count(result: dict) -> int:
     return round(result["accuracy"] * result["n"])
 
 
+@dataclass(frozen=True)
+class Stop:
+    """The early-stopping test of one candidate's pass (:meth:`c2i_fast.evaluate.Scorer.evaluate`'s ``stop``):
+    ``test(correct, remaining, outcomes) -> bool``, and per example whether the base model answers it wrong
+    (``likely_wrong``, or None): the pass runs the batches densest in those first. A candidate mostly errs where
+    the base errs, so a pass that cannot win reaches its stopping point in fewer rows; a pass that is not
+    stopped returns the same metrics in any batch order."""
+    test: object
+    likely_wrong: list[bool] | None = None
+
+    def __call__(self, correct: int, remaining: int, outcomes=None) -> bool:
+        return self.test(correct, remaining, outcomes)
+
+
 class Pruner:
     """Exact early stopping of a candidate's selection pass. Every decision downstream of the search reads
-    the best ``keep`` candidates by accuracy (the plan: the best one; :func:`c2i_fast.confirm.contenders`: the
-    best ``confirm_top`` with distinct factors; ties broken by log-loss). A candidate whose correct answers so
-    far plus every example still to come is below the ``keep``-th best correct count among the fully scored
-    candidates (distinct factors) ends with strictly lower accuracy than ``keep`` others, so it is in no such
-    set whatever its log-loss: its pass stops there (:meth:`c2i_fast.evaluate.Scorer.evaluate`'s ``stop``).
-    The bar only rises as candidates are added, so a bar from any subset of them is safe."""
+    the best ``keep`` candidates by accuracy among those that beat the base model (the plan: the best one, if it
+    beats the base; :func:`c2i_fast.confirm.contenders`: the best ``confirm_top`` with distinct factors that beat
+    it; ties broken by log-loss). A candidate whose correct answers so far plus every example still to come is
+    below the ``keep``-th best correct count among the fully scored candidates (distinct factors) ends with
+    strictly lower accuracy than ``keep`` others; below the base model's count (``base``), it ends below the base
+    and beats it on no tie-break. Either way it is in no such set whatever its log-loss: its pass stops there
+    (:meth:`c2i_fast.evaluate.Scorer.evaluate`'s ``stop``). The bar only rises as candidates are added, so a bar
+    from any subset of them is safe."""
 
-    def __init__(self, keep: int):
+    def __init__(self, keep: int, base: dict | None = None):
         self.keep = max(1, int(keep))
         self.counts: list[int] = []          # correct counts of fully scored candidates, one per factor signature
         self.seen: set[tuple] = set()
+        known = base is not None and ("correct" in base or {"accuracy", "n"} <= base.keys())
+        self.floor = correct_count(base) if known else None         # the base model's correct count
+        self.likely_wrong = [not ok for ok in base["correct"]] if known and "correct" in base else None
 
     def add(self, c: Candidate) -> None:
         if c.result is None or c.pruned:
@@ -230,19 +249,23 @@ class Pruner:
             self.seen.add(sig)
             self.counts.append(correct_count(c.result))
 
-    def bar(self) -> int | None:
+    def kth(self) -> int | None:
         """The ``keep``-th best correct count so far (None while fewer than ``keep`` are fully scored)."""
         if len(self.counts) < self.keep:
             return None
         return sorted(self.counts, reverse=True)[self.keep - 1]
 
-    def stop(self):
-        """The ``stop(correct, remaining, outcomes)`` test for the next candidate's pass, or None (nothing to beat
-        yet)."""
+    def bar(self) -> int | None:
+        """The correct count a candidate must reach to matter: the larger of :meth:`kth` and the base's."""
+        bars = [b for b in (self.kth(), self.floor) if b is not None]
+        return max(bars) if bars else None
+
+    def stop(self) -> Stop | None:
+        """The :class:`Stop` for the next candidate's pass, or None (nothing to beat yet)."""
         bar = self.bar()
         if bar is None:
             return None
-        return lambda correct, remaining, outcomes=None: correct + remaining < bar
+        return Stop(lambda correct, remaining, outcomes=None: correct + remaining < bar, self.likely_wrong)
 
 
 class Racer(Pruner):
@@ -255,7 +278,7 @@ class Racer(Pruner):
     stopped and the selection bench compares the plans."""
 
     def __init__(self, keep: int, base: dict, delta: float = RACE_DELTA, min_examples: int = RACE_MIN_EXAMPLES):
-        super().__init__(keep)
+        super().__init__(keep, base)
         self.base = list(base["correct"])
         self.delta, self.min_examples = delta, min_examples
         self.vectors: list[list[bool]] = []      # beside Pruner.counts: each one's correctness per example
@@ -274,17 +297,17 @@ class Racer(Pruner):
         broken = sum(ref[e] and not ok for e, ok in outcomes.items())
         return broken > fixed and mcnemar_one_sided(broken, fixed) < self.delta
 
-    def stop(self):
+    def stop(self) -> Stop:
         bar = self.bar()
         refs = [self.base]
-        if bar is not None:          # the keep-th best: its count is the bar (the first such in count order)
+        if self.kth() is not None:   # the keep-th best: its count is kth (the first such in count order)
             refs.append(self.vectors[sorted(range(len(self.counts)), key=lambda i: -self.counts[i])[self.keep - 1]])
 
         def test(correct, remaining, outcomes):
             if bar is not None and correct + remaining < bar:
                 return True
             return len(outcomes) >= self.min_examples and any(self.beaten(outcomes, r) for r in refs)
-        return test
+        return Stop(test, self.likely_wrong)
 
 
 def halving_rounds(scorer, fractions=HALVE_FRACTIONS) -> list[list[int]]:
@@ -419,8 +442,9 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
     ``order="given"`` evaluates the candidates as listed and ``dedupe=False`` gives every one its own pass:
     LASER's exhaustive sweep, whose candidates have no ΔL̂ to order by (NaN) and are all scored.
 
-    ``prune="exact"`` stops a candidate's pass batch by batch once it cannot be among the best ``keep``
-    (:class:`Pruner`); the order of evaluation, the plan and the best ``keep`` are those of ``prune="off"``.
+    ``prune="exact"`` stops a candidate's pass batch by batch once it cannot be among the best ``keep`` or beat
+    ``base`` (:class:`Pruner`); the order of evaluation, the plan and the best ``keep`` that beat the base are
+    those of ``prune="off"``.
     ``prune="race"`` also stops one that is already beaten with confidence (:class:`Racer`; not exact).
     ``prune="halve"`` scores the candidates by successive halving over the selection rows (:func:`halve`; not
     exact; one process).
@@ -436,7 +460,7 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
         raise ValueError("pruning needs the factored search without --compose")
     if prune == "halve" and distributed.size() > 1:
         raise ValueError("successive halving runs in one process")
-    pruner = Pruner(keep) if prune == "exact" else Racer(keep, base) if prune == "race" else None
+    pruner = Pruner(keep, base) if prune == "exact" else Racer(keep, base) if prune == "race" else None
     t0 = time.perf_counter()
     ordered = interleave(candidates) if order == "interleave" else list(candidates)
     todo = ordered if not max_evals else ordered[:max_evals]

@@ -13,7 +13,8 @@ from c2i_fast.evaluate import Scorer
 from c2i_fast.models import decoder_layers
 from c2i_fast.plan import Edit
 from c2i_fast.replay import PrefixCache
-from c2i_fast.search import Candidate, Pruner, Racer, rank, search
+from c2i_fast.evaluate import better
+from c2i_fast.search import Candidate, Pruner, Racer, Stop, rank, search
 from c2i_fast.tasks import check_tokenization, load_task, split
 
 N_LAYERS = 30
@@ -37,10 +38,12 @@ def _fake(n_cands, n, batches, rng):
     return cands, truth
 
 
-def _patch(monkeypatch, truth, batches, calls):
+def _patch(monkeypatch, truth, batches, calls, likely_wrong=None):
     """evaluate_candidate → the candidate's fixed result, asking ``stop`` after each batch as Scorer.evaluate does."""
     def fake(scorer, c, cache, applied=(), dense=False, within=True, stop=None):
         calls.append(c.key())
+        if stop is not None and likely_wrong is not None:        # the base's wrong answers travel with the stop
+            assert stop.likely_wrong == likely_wrong
         res = truth[c.key()]
         seen = correct = 0
         for size in batches:
@@ -59,11 +62,15 @@ def test_pruned_search_keeps_the_plan_and_the_best_keep(monkeypatch, seed, keep)
     rng = random.Random(seed)
     n, batches = 50, [12, 9, 15, 10, 4]
     cands, truth = _fake(24, n, batches, rng)
-    base = {"n": n, "accuracy": 0.5, "log_loss": 0.65, "correct": [True] * 25 + [False] * 25}
+    n_base = rng.choice([10, 25, 31, 34])                   # below, among and above the candidates' counts
+    base = {"n": n, "accuracy": n_base / n, "log_loss": 0.65, "correct": [True] * n_base + [False] * (n - n_base)}
     calls = []
-    _patch(monkeypatch, truth, batches, calls)
+    _patch(monkeypatch, truth, batches, calls, likely_wrong=[not ok for ok in base["correct"]])
     off = search(FakeScorer(n), cands, base, PrefixCache(), N_LAYERS, max_evals=20, progress=False)
-    full = [c.key() for c in rank(off.evaluated)[:keep]]
+
+    def best_keep(res):         # what the rules read: the best keep that beat the base (contenders; the plan)
+        return [c.key() for c in rank(res.evaluated) if better(c.result, base)][:keep]
+    full = best_keep(off)
     plan_off = [c.key() for c in off.best]
     for c in cands:
         c.result = None
@@ -71,13 +78,13 @@ def test_pruned_search_keeps_the_plan_and_the_best_keep(monkeypatch, seed, keep)
     on = search(FakeScorer(n), cands, base, PrefixCache(), N_LAYERS, max_evals=20, progress=False,
                 prune="exact", keep=keep, on_result=lambda c: journal.append((c.key(), c.result)))
     assert [c.key() for c in on.best] == plan_off
-    assert [c.key() for c in rank(on.evaluated)[:keep]] == full
+    assert best_keep(on) == full
     assert on.final == off.final
     pruned = [c for c in on.evaluated if c.pruned]
     assert on.pruned == len(pruned)
     assert on.row_passes_saved == sum((N_LAYERS - c.layer) * (n - c.result["rows_scored"]) for c in pruned)
     assert on.row_passes + on.row_passes_saved == off.row_passes
-    bar = sorted((sum(truth[c.key()]["correct"]) for c in rank(off.evaluated)), reverse=True)[keep - 1]
+    bar = max(n_base, sorted((sum(truth[c.key()]["correct"]) for c in rank(off.evaluated)), reverse=True)[keep - 1])
     for c in pruned:                        # provably out: its best case is below the keep-th best
         assert c.result["correct_so_far"] + n - c.result["rows_scored"] < bar
         assert sum(truth[c.key()]["correct"]) < bar
@@ -119,6 +126,23 @@ def test_pruner_bar_counts_distinct_factors_and_waits_for_keep():
     pruned.result = {"pruned": True, "n": 10, "rows_scored": 4, "correct_so_far": 0}
     p.add(pruned)
     assert p.bar() == 6 and rank([a, b, pruned]) == [a, b]
+
+
+
+def test_the_base_model_is_a_bar_from_the_start():
+    """A candidate that cannot reach the base's correct count ends below the base: no rule reads it."""
+    base = {"n": 10, "correct": [True] * 7 + [False] * 3, "accuracy": 0.7, "log_loss": 1.0}
+    p = Pruner(2, base)
+    assert p.bar() == 7 and p.stop().likely_wrong == [False] * 7 + [True] * 3
+    stop = p.stop()
+    assert stop(2, 4, {}) and not stop(3, 4, {})            # 6 < 7 stops; a tie in accuracy goes on (log-loss)
+    mk = lambda rho: Candidate(Edit("m.layers.1.mlp.up_proj", rho), 1, 0.0)     # noqa: E731
+    for rho, k in ((0.1, 9), (0.2, 8)):
+        c = mk(rho)
+        c.result = {"n": 10, "correct": [True] * k + [False] * (10 - k), "accuracy": k / 10, "log_loss": 1.0}
+        p.add(c)
+    assert p.bar() == 8                                     # the 2nd best is above the base: it is the bar now
+    assert Pruner(1, {"n": 10, "accuracy": 0.7}).bar() == 7 and Pruner(1, {}).bar() is None
 
 
 def test_racing_stops_what_is_beaten_paired_and_nothing_else():
@@ -195,6 +219,17 @@ def test_a_stop_that_never_fires_changes_no_bit(smollm2, data_dir, name):
     assert all(c + r <= len(sc.examples) and c == sum(o.values()) and len(o) + r == len(sc.examples)
                and all(plain["correct"][e] == ok for e, ok in o.items()) for c, r, o in asked)
     assert asked[-1][0] <= sum(plain["correct"])
+    # the base's wrong answers first: another batch order, the same bits
+    wrong = [not ok for ok in plain["correct"]]
+    order = sc.stopping_order(wrong)
+    assert sorted(order) == list(range(len(sc.batches))) and order != sorted(order)
+    shares = [sum(wrong[r.example] for r in sc.batches[i].rows) / len(sc.batches[i].rows) for i in order]
+    assert shares == sorted(shares, reverse=True)
+    asked.clear()
+    reordered = sc.evaluate(stop=Stop(lambda correct, remaining, outcomes: asked.append(dict(outcomes)) and False,
+                                      wrong))
+    assert reordered == plain
+    assert set(asked[0]) == {r.example for r in sc.batches[order[0]].rows}
 
 
 def test_a_stop_ends_the_pass_with_what_it_has_seen(smollm2, data_dir):
@@ -205,6 +240,10 @@ def test_a_stop_ends_the_pass_with_what_it_has_seen(smollm2, data_dir):
     first = {r.example for r in sc.batches[0].rows}
     assert res["rows_scored"] == len(first)
     assert res["correct_so_far"] == sum(plain["correct"][e] for e in first)
+    wrong = [not ok for ok in plain["correct"]]
+    res = sc.evaluate(stop=Stop(lambda correct, remaining, outcomes: True, wrong))
+    first = {r.example for r in sc.batches[sc.stopping_order(wrong)[0]].rows}
+    assert res["rows_scored"] == len(first) and res["correct_so_far"] == sum(plain["correct"][e] for e in first)
 
 
 def test_search_on_smollm2_prunes_without_changing_the_plan(smollm2, data_dir):
@@ -225,7 +264,8 @@ def test_search_on_smollm2_prunes_without_changing_the_plan(smollm2, data_dir):
         c.result = None
     on = search(sc, cands, base, cache, n_layers, max_evals=None, progress=False, prune="exact", keep=3)
     assert [c.key() for c in on.best] == [c.key() for c in off.best] and on.final == off.final
-    assert [c.key() for c in rank(on.evaluated)[:3]] == [c.key() for c in rank(off.evaluated)[:3]]
+    beat = lambda res: [c.key() for c in rank(res.evaluated) if better(c.result, base)][:3]     # noqa: E731
+    assert beat(on) == beat(off)
     assert on.row_passes + on.row_passes_saved == off.row_passes
 
 
