@@ -79,6 +79,8 @@ def test_pruned_search_keeps_the_plan_and_the_best_keep(monkeypatch, seed, keep)
                 prune="exact", keep=keep, on_result=lambda c: journal.append((c.key(), c.result)))
     assert [c.key() for c in on.best] == plan_off
     assert best_keep(on) == full
+    layers = [int(k.split(".")[2]) for k, _ in journal]      # the same candidates, the deepest (cheapest) first
+    assert layers == sorted(layers, reverse=True) and len(journal) == len(off.evaluated)
     assert on.final == off.final
     pruned = [c for c in on.evaluated if c.pruned]
     assert on.pruned == len(pruned)
