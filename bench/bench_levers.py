@@ -134,14 +134,17 @@ def run_variant(args, task: str, variant: str, lm, cache_dir: Path) -> dict:
             os.environ["C2I_CACHE"] = old
 
 
-def summarize(out: Path) -> str:
-    """The markdown table of every unit in ``out``, each variant against its task's ``none``."""
+def summarize(out: Path, against: Path | None = None) -> str:
+    """The markdown table of every unit in ``out``, each variant against its task's ``none`` (from ``against``,
+    another run's folder, when ``out`` has none: an earlier commit's reference on the same rows)."""
     rows = ["| task | variant | wall s | search s | scan SVD s | base passes s | row-passes | saved | pruned | plan "
             "| same best 3 | shipped | held-out |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for task_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         units = {v: json.loads((task_dir / f"{v}.json").read_text()) for v in VARIANTS
                  if (task_dir / f"{v}.json").is_file()}
         ref = units.get("none")
+        if ref is None and against is not None and (against / task_dir.name / "none.json").is_file():
+            ref = json.loads((against / task_dir.name / "none.json").read_text())
         for v, u in units.items():
             t, s = u["timings"], u["search"]
             base_s = sum(t.get(k) or 0.0 for k in ("select_base", "test_base"))
@@ -169,10 +172,11 @@ def main(argv=None) -> int:
     ap.add_argument("--test-size", type=int, default=500, help="held-out rows (c2i adapt's default: 500)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--summary", action="store_true", help="only print the table of --out")
+    ap.add_argument("--against", help="with --summary: another run's folder whose `none` units are the reference")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.summary:
-        print(summarize(out))
+        print(summarize(out, Path(args.against) if args.against else None))
         return 0
     variants = args.variants.split(",")
     bad = [v for v in variants if v not in VARIANTS]

@@ -73,6 +73,13 @@ def test_the_table_compares_each_variant_with_none(levers, tmp_path, capsys):
     assert "| **no** |" in rows["race"] and "5.6% → 8.0%" in rows["race"]
     assert levers.main(["--out", str(tmp_path / "t"), "--summary"]) == 0
     assert "| counterfact | race |" in capsys.readouterr().out
+    # a later run with no `none` of its own: compared with the earlier run's
+    later = tmp_path / "later" / "counterfact"
+    later.mkdir(parents=True)
+    (later / "exact.json").write_text(json.dumps(levers.unit_from_report(_report(pruned=5, saved=400), 40.0)))
+    assert levers.main(["--out", str(tmp_path / "later"), "--summary", "--against", str(tmp_path / "t")]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if "| exact |" in line]
+    assert len(row) == 1 and "| 600 | 400 | 5 |" in row[0] and "| yes |" in row[0]
 
 
 def test_an_unknown_variant_is_refused(levers, tmp_path):
