@@ -34,6 +34,7 @@ from .replay import PREFIX, PrefixCache, capture_layers, detach, replay_layers, 
 from .tasks import Example, majority_baseline
 
 MAX_PROMPT_TOKENS = 1024
+SUBSET_BATCHES = 12          # Scorer.stopping_order searches every subset of up to this many batches (4096)
 
 
 class Scorer:
@@ -351,7 +352,7 @@ class Scorer:
         if stop is None or not self.can_stop_early():
             return self.metrics(self.run(cache, start_layer, capture, within=within), generate)
         pairs, outcomes = [], {}
-        order = self.stopping_order(getattr(stop, "likely_wrong", None))
+        order = self.stopping_order(getattr(stop, "likely_wrong", None), getattr(stop, "bar", None))
         for b, stats in self.run(cache, start_layer, capture, within=within, order=order):
             pairs.append((b, stats))
             outcomes.update((e, self.example_correct(d, self.examples[e]))
@@ -367,18 +368,35 @@ class Scorer:
         """Is an example's correctness known batch by batch? Not for generation (scored by greedy decoding)."""
         return self.kind in ("classification", "recall")
 
-    def stopping_order(self, likely_wrong: list[bool] | None) -> list[int]:
-        """Batch indices for a pass that may stop early: the batches whose rows belong most often to examples in
-        ``likely_wrong`` (per example; by the fraction of the batch's rows) first, ties in their own order.
-        A pass stops once its wrong answers exceed what the bar allows, so the rows where wrong answers are
-        likely go first. None: the batches' own order."""
-        if likely_wrong is None:
-            return list(range(len(self.batches)))
-
-        def share(i: int) -> float:
-            rows = self.batches[i].rows
-            return sum(bool(likely_wrong[r.example]) for r in rows) / max(1, len(rows))
-        return sorted(range(len(self.batches)), key=lambda i: -share(i))
+    def stopping_order(self, likely_wrong: list[bool] | None, bar: int | None = None) -> list[int]:
+        """Batch indices for a pass that stops once its correct answers plus the examples still to come fall below
+        ``bar``, i.e. once its wrong answers exceed n − bar. It can stop after a batch only, so it saves the rows
+        after the first batches where that happens. Planned for a candidate that errs where the base errs
+        (``likely_wrong``, per example) and once more: the fewest rows whose likely wrong answers reach
+        min(n − bar, the base's wrong answers − 1) + 1 run first (densest in them first), the rest after in their
+        own order. An exact search over the subsets of up to SUBSET_BATCHES batches, by density beyond. None,
+        or no such rows: the batches' own order."""
+        own = list(range(len(self.batches)))
+        if likely_wrong is None or bar is None:
+            return own
+        wrong = [sum(bool(likely_wrong[r.example]) for r in b.rows) for b in self.batches]
+        size = [len(b.rows) for b in self.batches]
+        need = min(len(self.examples) - bar, sum(wrong) - 1) + 1       # wrong answers that stop the pass
+        if need <= 0 or need > sum(wrong):
+            return own
+        density = sorted(own, key=lambda i: -wrong[i] / max(1, size[i]))
+        if len(own) <= SUBSET_BATCHES:
+            best = min((m for m in range(1, 1 << len(own)) if sum(wrong[i] for i in own if m >> i & 1) >= need),
+                       key=lambda m: (sum(size[i] for i in own if m >> i & 1), m))
+            first = [i for i in density if best >> i & 1]
+        else:
+            first, got = [], 0
+            for i in density:
+                if got >= need:
+                    break
+                first.append(i)
+                got += wrong[i]
+        return first + [i for i in own if i not in first]
 
     def rows_per_example(self) -> list[int]:
         """(n_examples,) how many rows each example spreads over (1, or one per choice when not packed)."""

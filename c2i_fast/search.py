@@ -211,11 +211,13 @@ def correct_count(result: dict) -> int:
 @dataclass(frozen=True)
 class Stop:
     """The early-stopping test of one candidate's pass (:meth:`c2i_fast.evaluate.Scorer.evaluate`'s ``stop``):
-    ``test(correct, remaining, outcomes) -> bool``, and per example whether the base model answers it wrong
-    (``likely_wrong``, or None): the pass runs the batches densest in those first. A candidate mostly errs where
-    the base errs, so a pass that cannot win reaches its stopping point in fewer rows; a pass that is not
-    stopped returns the same metrics in any batch order."""
+    ``test(correct, remaining, outcomes) -> bool``; its correct-count ``bar`` (the test is true at least when
+    correct + remaining < bar); and per example whether the base model answers it wrong (``likely_wrong``, or
+    None). With both, the pass orders its batches so that a candidate erring where the base errs reaches its
+    stopping point in fewer rows (:meth:`~c2i_fast.evaluate.Scorer.stopping_order`); a pass that is not stopped
+    returns the same metrics in any batch order."""
     test: object
+    bar: int | None = None
     likely_wrong: list[bool] | None = None
 
     def __call__(self, correct: int, remaining: int, outcomes=None) -> bool:
@@ -265,7 +267,7 @@ class Pruner:
         bar = self.bar()
         if bar is None:
             return None
-        return Stop(lambda correct, remaining, outcomes=None: correct + remaining < bar, self.likely_wrong)
+        return Stop(lambda correct, remaining, outcomes=None: correct + remaining < bar, bar, self.likely_wrong)
 
 
 class Racer(Pruner):
@@ -307,7 +309,7 @@ class Racer(Pruner):
             if bar is not None and correct + remaining < bar:
                 return True
             return len(outcomes) >= self.min_examples and any(self.beaten(outcomes, r) for r in refs)
-        return Stop(test, self.likely_wrong)
+        return Stop(test, bar, self.likely_wrong)
 
 
 def halving_rounds(scorer, fractions=HALVE_FRACTIONS) -> list[list[int]]:

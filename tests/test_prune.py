@@ -135,7 +135,7 @@ def test_the_base_model_is_a_bar_from_the_start():
     """A candidate that cannot reach the base's correct count ends below the base: no rule reads it."""
     base = {"n": 10, "correct": [True] * 7 + [False] * 3, "accuracy": 0.7, "log_loss": 1.0}
     p = Pruner(2, base)
-    assert p.bar() == 7 and p.stop().likely_wrong == [False] * 7 + [True] * 3
+    assert p.bar() == 7 and p.stop().bar == 7 and p.stop().likely_wrong == [False] * 7 + [True] * 3
     stop = p.stop()
     assert stop(2, 4, {}) and not stop(3, 4, {})            # 6 < 7 stops; a tie in accuracy goes on (log-loss)
     mk = lambda rho: Candidate(Edit("m.layers.1.mlp.up_proj", rho), 1, 0.0)     # noqa: E731
@@ -201,6 +201,47 @@ def test_pruning_refuses_what_it_cannot_keep_exact():
         search(FakeScorer(4), [], {}, None, N_LAYERS, prune="maybe")
 
 
+def _batches(wrong_per_batch, sizes):
+    """A Scorer-shaped object (batches of one-row examples) whose examples the base gets wrong as given."""
+    from types import SimpleNamespace
+    batches, likely_wrong = [], []
+    for w, n in zip(wrong_per_batch, sizes):
+        batches.append(SimpleNamespace(rows=[SimpleNamespace(example=len(likely_wrong) + i) for i in range(n)]))
+        likely_wrong += [True] * w + [False] * (n - w)
+    return SimpleNamespace(batches=batches, examples=likely_wrong), likely_wrong
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_stopping_order_runs_the_fewest_rows_that_can_stop_a_pass_first(seed):
+    rng = random.Random(seed)
+    sizes = [rng.randint(1, 25) for _ in range(rng.randint(2, 9))]
+    wrong = [rng.randint(0, n) for n in sizes]
+    sc, likely_wrong = _batches(wrong, sizes)
+    n, bar = len(likely_wrong), rng.randint(1, len(likely_wrong))
+    order = Scorer.stopping_order(sc, likely_wrong, bar)
+    assert sorted(order) == list(range(len(sizes)))
+    need = min(n - bar, sum(wrong) - 1) + 1
+    if need <= 0 or need > sum(wrong):
+        assert order == list(range(len(sizes)))
+        return
+    fewest = min(sum(sizes[i] for i in range(len(sizes)) if m >> i & 1) for m in range(1 << len(sizes))
+                 if sum(wrong[i] for i in range(len(sizes)) if m >> i & 1) >= need)
+    at, got, rows = 0, 0, 0
+    while got < need:
+        got, rows, at = got + wrong[order[at]], rows + sizes[order[at]], at + 1
+    assert rows == fewest                            # a base-like candidate one answer worse stops there
+    assert order[at:] == sorted(order[at:])          # the rest in their own order
+
+
+def test_the_stopping_order_keeps_a_small_last_batch_last():
+    """CounterFact-like: the base is right on 4 of 100, so a pass can stop only before a last batch of fewer
+    rows than the bar; the order keeps such a batch last rather than running it first for its density."""
+    sizes, wrong = [25, 17, 15, 18, 14, 8, 3], [24, 17, 15, 17, 13, 7, 3]
+    sc, likely_wrong = _batches(wrong, sizes)
+    assert Scorer.stopping_order(sc, likely_wrong, 8)[-1] == 6
+    assert Scorer.stopping_order(sc, likely_wrong, None) == list(range(7))
+
+
 # -- the Scorer, on SmolLM2 ----------------------------------------------------------------------------
 def _scorer(smollm2, data_dir, name, n=40):
     task = check_tokenization(load_task(name, data_dir), smollm2.tokenizer)
@@ -221,15 +262,14 @@ def test_a_stop_that_never_fires_changes_no_bit(smollm2, data_dir, name):
     assert all(c + r <= len(sc.examples) and c == sum(o.values()) and len(o) + r == len(sc.examples)
                and all(plain["correct"][e] == ok for e, ok in o.items()) for c, r, o in asked)
     assert asked[-1][0] <= sum(plain["correct"])
-    # the base's wrong answers first: another batch order, the same bits
+    # planned for a candidate one answer worse than the base: another batch order, the same bits
     wrong = [not ok for ok in plain["correct"]]
-    order = sc.stopping_order(wrong)
+    bar = sum(plain["correct"]) + 1
+    order = sc.stopping_order(wrong, bar)
     assert sorted(order) == list(range(len(sc.batches))) and order != sorted(order)
-    shares = [sum(wrong[r.example] for r in sc.batches[i].rows) / len(sc.batches[i].rows) for i in order]
-    assert shares == sorted(shares, reverse=True)
     asked.clear()
     reordered = sc.evaluate(stop=Stop(lambda correct, remaining, outcomes: asked.append(dict(outcomes)) and False,
-                                      wrong))
+                                      bar, wrong))
     assert reordered == plain
     assert set(asked[0]) == {r.example for r in sc.batches[order[0]].rows}
 
@@ -243,8 +283,9 @@ def test_a_stop_ends_the_pass_with_what_it_has_seen(smollm2, data_dir):
     assert res["rows_scored"] == len(first)
     assert res["correct_so_far"] == sum(plain["correct"][e] for e in first)
     wrong = [not ok for ok in plain["correct"]]
-    res = sc.evaluate(stop=Stop(lambda correct, remaining, outcomes: True, wrong))
-    first = {r.example for r in sc.batches[sc.stopping_order(wrong)[0]].rows}
+    bar = sum(plain["correct"])
+    res = sc.evaluate(stop=Stop(lambda correct, remaining, outcomes: True, bar, wrong))
+    first = {r.example for r in sc.batches[sc.stopping_order(wrong, bar)[0]].rows}
     assert res["rows_scored"] == len(first) and res["correct_so_far"] == sum(plain["correct"][e] for e in first)
 
 
