@@ -15,8 +15,8 @@ Each (model, task, method) cell is written atomically to ``<out>/<task>/<method>
 run's whole report.json beside it, in ``<task>/reports/``) and skipped when it exists, so a killed run resumes;
 a run that finds every cell present loads no model. ``--skip-cell`` and ``--max-minutes`` write a cell with
 ``"skipped": reason`` instead (delete the file to run it after all). A cell's run works in
-``<out>/<task>/.work/<method>/`` (git-ignored), which outlives a killed run: the next run resumes it from its
-journal (the candidates scored before are not scored again) and the cell then says so (``resumed``). The runs go c2i_fast, c2i, laser per task:
+``<out>/<task>/.work/<method>/`` (small: its journal and config; commit it as it grows, so the next session's
+checkout has it), which outlives a killed run: the next run resumes it from its journal (the candidates scored before are not scored again) and the cell then says so (``resumed``). The runs go c2i_fast, c2i, laser per task:
 c2i_fast's measured seconds per layer-pass give the estimate ``--max-minutes`` compares with.
 
 Small tasks: the split needs ``--samples`` selection rows and at least ``MIN_TEST`` held-out ones; a task with
@@ -49,7 +49,7 @@ from render_tasks import METHODS, cell_path, render, wilson  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_TEST = 50                 # fewest held-out rows a task keeps before its selection sample is halved
-WORK = ".work"          # <out>/<task>/.work/<method>/: a running cell's run folder, kept when killed (git-ignored)
+WORK = ".work"          # <out>/<task>/.work/<method>/: a running cell's run folder, kept when killed (committed while it runs)
 RUN_ORDER = ("c2i_fast", "c2i", "laser")      # c2i_fast first: the cheapest, and the others' time estimate
 LASER_RHO = 8                 # LASER's ρ grid (LaserConfig's default rank_fractions)
 
