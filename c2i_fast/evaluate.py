@@ -338,7 +338,7 @@ class Scorer:
         scored, the examples still to come, and ``outcomes`` (example index → correct) of the scored ones (the
         pass's own dict, growing batch by batch: copy it to keep it); True ends the pass and returns
         :meth:`pruned_result` instead of the metrics.
-        ``stop.likely_wrong`` (a :class:`~c2i_fast.search.Stop`), when set, orders the batches
+        ``stop.likely_wrong`` and ``stop.bar`` (a :class:`~c2i_fast.search.Stop`), when set, order the batches
         (:meth:`stopping_order`). A pass that is not stopped returns exactly what it would without ``stop`` (the
         same batches, put back in their own order before :meth:`metrics`, so the same sums in the same order).
         Ignored for generation tasks (accuracy comes from generate())."""

@@ -9,11 +9,10 @@ import random
 import pytest
 
 import c2i_fast.search as search_mod
-from c2i_fast.evaluate import Scorer
+from c2i_fast.evaluate import Scorer, better
 from c2i_fast.models import decoder_layers
 from c2i_fast.plan import Edit
 from c2i_fast.replay import PrefixCache
-from c2i_fast.evaluate import better
 from c2i_fast.search import Candidate, Pruner, Racer, Stop, rank, search
 from c2i_fast.tasks import check_tokenization, load_task, split
 
@@ -128,7 +127,6 @@ def test_pruner_bar_counts_distinct_factors_and_waits_for_keep():
     pruned.result = {"pruned": True, "n": 10, "rows_scored": 4, "correct_so_far": 0}
     p.add(pruned)
     assert p.bar() == 6 and rank([a, b, pruned]) == [a, b]
-
 
 
 def test_the_base_model_is_a_bar_from_the_start():
@@ -318,4 +316,3 @@ def test_the_paper_rule_keeps_only_its_pick_exact():
     assert prune_keep(AdaptConfig(model="m", task="t", out="-", rule="paper")) == 1
     assert prune_keep(AdaptConfig(model="m", task="t", out="-", rule="paper", compare_rules=True)) == 3
     assert prune_keep(AdaptConfig(model="m", task="t", out="-", rule="confirm", confirm_top=4)) == 4
-
