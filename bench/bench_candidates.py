@@ -32,37 +32,65 @@ def measure(args, lm, name: str) -> dict:
     from c2i_fast.search import build_candidates, candidate_factors
     from c2i_fast.svd import full_svd
     cfg, _, refs, top = scanned_selection(args.model, lm, name, args.samples)
-    taken = []
+    from c2i_fast.svd import gram_eigh
+    taken, grams = [], []
 
-    def counting(*a, **k):          # every SVD the clusterings and the fits take
+    def counting(*a, **k):          # every SVD the clusterings and the fits take while the candidates are built
         taken.append(1)
         return full_svd(*a, **k)
-    saved = clustering.full_svd, decompose.full_svd
+
+    def counting_gram(*a, **k):     # every Gram eigendecomposition
+        grams.append(1)
+        return gram_eigh(*a, **k)
+    saved = clustering.full_svd, decompose.full_svd, clustering.gram_eigh, decompose.gram_eigh
     clustering.full_svd = decompose.full_svd = counting
+    clustering.gram_eigh = decompose.gram_eigh = counting_gram
     try:
         t0 = time.perf_counter()
         cands = build_candidates(top, {r.name: r for r in refs}, cfg.rank_fractions, cfg.clusters, cfg.methods,
                                  cfg.seed, progress=False)
         seconds = time.perf_counter() - t0
     finally:
-        clustering.full_svd, decompose.full_svd = saved
+        clustering.full_svd, decompose.full_svd, clustering.gram_eigh, decompose.gram_eigh = saved
     rows = [[c.key(), c.predicted,
              hashlib.sha256(candidate_factors(c).reconstruct().contiguous().numpy().tobytes()).hexdigest()[:16]]
             for c in cands]
     return {"task": name, "n_select": args.samples, "top_k": [m.name for m in top], "seconds": round(seconds, 2),
-            "svds": len(taken), "n_candidates": len(cands), "candidates": rows}
+            "svds": len(taken), "gram_eighs": len(grams), "n_candidates": len(cands), "candidates": rows}
+
+
+def search_order(rows: list) -> list[str]:
+    """The keys of [key, ΔL̂, hash] rows in the search's order (c2i_fast.search.interleave: best ΔL̂ first within
+    each matrix, matrices round-robin); the matrix is the key's first field."""
+    per: dict[str, list[str]] = {}
+    for key, pred, _ in sorted(rows, key=lambda r: (r[1], r[0])):
+        per.setdefault(key.split("|")[0], []).append(key)
+    queues = list(per.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 
 def compare(out: Path, a: str, b: str) -> str:
-    lines = ["| task | SVDs | seconds | same candidates (key, ΔL̂, factors) |", "|---|---|---|---|"]
+    """Per task: SVDs and seconds of the build, whether both runs built the same candidates with the same factors,
+    whether the search would take them in the same order, and the largest ΔL̂ difference (relative to the
+    largest |ΔL̂|): the Gram estimates differ from the SVD's in round-off only."""
+    lines = ["| task | SVDs | seconds | same candidates and factors | same search order | max ΔL̂ diff |",
+             "|---|---|---|---|---|---|"]
     for fa in sorted(out.glob(f"*.{a}.json")):
         fb = fa.with_name(fa.name.replace(f".{a}.json", f".{b}.json"))
         if not fb.is_file():
             continue
         ua, ub = json.loads(fa.read_text()), json.loads(fb.read_text())
-        same = ua["top_k"] == ub["top_k"] and ua["candidates"] == ub["candidates"]
+        ca, cb = ua["candidates"], ub["candidates"]
+        same = ua["top_k"] == ub["top_k"] and [(r[0], r[2]) for r in ca] == [(r[0], r[2]) for r in cb]
+        oa, ob = search_order(ca), search_order(cb)
+        first = next((i for i, (x, y) in enumerate(zip(oa, ob)) if x != y), None)
+        order = "yes" if oa == ob else f"**no** (from #{first + 1 if first is not None else min(len(oa), len(ob)) + 1})"
+        diff = "–"
+        if [r[0] for r in ca] == [r[0] for r in cb] and ca:
+            scale = max(abs(r[1]) for r in ca) or 1.0
+            diff = f"{max(abs(x[1] - y[1]) for x, y in zip(ca, cb)) / scale:.1e}"
         lines.append(f"| {ua['task']} | {ua['svds']} → {ub['svds']} | {ua['seconds']} → {ub['seconds']} | "
-                     f"{'yes' if same else '**no**'} ({ua['n_candidates']}) |")
+                     f"{'yes' if same else '**no**'} ({ua['n_candidates']}) | {order} | {diff} |")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .errors import C2IError
-from .svd import SVD, count_nonfinite, full_svd
+from .svd import GramEigh, count_nonfinite, full_svd, gram_eigh
 
 CLUSTER_METHODS = ("block", "kmeans", "projective")
 KMEANS_ITERS = 50            # Lloyd iterations (it stops earlier once the labels no longer change)
@@ -76,59 +76,69 @@ def _kmeans_labels(x: Tensor, k: int, seed: int, iters: int) -> Tensor:
 
 
 def membership(labels: Tensor, c: int) -> bytes:
-    """Which rows are in cluster ``c`` (labels (m,) on the CPU), as bytes: the key of a cluster's SVD in ``fits``."""
+    """Which rows are in cluster ``c`` (labels (m,) on the CPU), as bytes: the key of a cluster's fit in ``fits``."""
     return (labels == c).numpy().tobytes()
 
 
 def _subspace_fit(x: Tensor, labels: Tensor, k: int, j: int, old: Tensor | None,
-                  fits: dict[bytes, SVD] | None = None) -> tuple[Tensor, float, dict[bytes, SVD]]:
-    """Best j-dim linear subspace per cluster (top-j right singular vectors of its rows) and the objective.
+                  fits: dict[bytes, GramEigh] | None = None) -> tuple[Tensor, float, dict[bytes, GramEigh]]:
+    """Best j-dim linear subspace per cluster (the span of the top-j right singular vectors of its rows) and the
+    objective, from each cluster's Gram eigendecomposition (:func:`c2i_fast.svd.gram_eigh`: a third of an SVD's
+    cost, and the subspace is all the assignment needs).
 
     Returns bases (k, n, j) (zero-padded when a cluster has fewer than j directions), Σ_c Σ_{i>j} σ_{c,i}²
-    = Σ_rows ||x - x V_c V_cᵀ||², and each non-empty cluster's SVD by :func:`membership`. An empty cluster keeps
-    its previous basis (``old``) so it can win rows back. A cluster whose rows are a key of ``fits`` (an earlier
-    fit on the same ``x``) reuses that SVD: the same rows in the same order give the same bits.
+    = Σ_rows ||x - x V_c V_cᵀ||², and each non-empty cluster's :class:`GramEigh` by :func:`membership`. An empty
+    cluster keeps its previous basis (``old``) so it can win rows back. A cluster whose rows are a key of
+    ``fits`` (an earlier fit on the same ``x``) reuses that eigendecomposition.
     """
     n = x.shape[1]
     bases = x.new_zeros(k, n, j)
     obj = 0.0
     labels = labels.cpu()
     lab = labels.to(x.device)
-    new: dict[bytes, SVD] = {}
+    new: dict[bytes, GramEigh] = {}
     for c in range(k):
         key = membership(labels, c)
-        svd = (fits or {}).get(key)
-        if svd is None:
-            rows = x[lab == c]
-            if rows.shape[0] == 0:
-                if old is not None:
-                    bases[c] = old[c]
-                continue
-            svd = full_svd(rows)
-        new[key] = svd
-        jj = min(j, svd.p)
-        bases[c, :, :jj] = svd.v[:, :jj]
-        obj += svd.tail_energy(jj)
+        rows = x[lab == c]
+        if rows.shape[0] == 0:
+            if old is not None:
+                bases[c] = old[c]
+            continue
+        ge = (fits or {}).get(key)
+        if ge is None:
+            ge = gram_eigh(rows)
+        new[key] = ge
+        basis = ge.top_basis(rows, j)
+        bases[c, :, :basis.shape[1]] = basis
+        obj += ge.tail(basis.shape[1])
     return bases, obj, new
 
 
 def projective_objective(w: Tensor, labels: Tensor, rank: int) -> float:
-    """Σ_c (squared distance of cluster c's rows to their best ``rank``-dim linear subspace), float64.
+    """Σ_c (squared distance of cluster c's rows to their best ``rank``-dim linear subspace), float64, from each
+    cluster's SVD.
 
     This is what projective clustering minimises; it equals the squared Frobenius error of the clustered
     rank-``rank`` reconstruction.
     """
-    labels = torch.as_tensor(labels, dtype=torch.int64)
-    return _subspace_fit(w.detach().float(), labels, int(labels.max()) + 1, rank, None)[1]
+    x = w.detach().float()
+    labels = torch.as_tensor(labels, dtype=torch.int64).to(x.device)
+    total = 0.0
+    for c in range(int(labels.max()) + 1):
+        rows = x[labels == c]
+        if rows.shape[0]:
+            svd = full_svd(rows)
+            total += svd.tail_energy(min(rank, svd.p))
+    return total
 
 
 def _projective_labels(x: Tensor, k: int, j: int, init: Tensor, iters: int
-                       ) -> tuple[Tensor, float, dict[bytes, SVD]]:
+                       ) -> tuple[Tensor, float, dict[bytes, GramEigh]]:
     """Alternating projective clustering (Maalouf et al., ICLR 2021): assign every row to the subspace that
-    reconstructs it best, refit each subspace by SVD, repeat. Both steps can only lower the objective in exact
-    arithmetic; we still keep the best labelling seen so round-off can never make the result worse than init.
-    Returns the best labels, their objective and their clusters' SVDs (a cluster no row left or joined since
-    the last refit keeps its SVD).
+    reconstructs it best, refit each subspace (:func:`_subspace_fit`), repeat. Both steps can only lower the
+    objective in exact arithmetic; we still keep the best labelling seen so round-off can never make the result
+    worse than init. Returns the best labels, their objective and their clusters' Gram eigendecompositions (a
+    cluster no row left or joined since the last refit keeps its own).
     """
     x_sq = (x * x).sum(1)
     labels = init.clone()
@@ -169,22 +179,23 @@ def _sampled_subspace_labels(x: Tensor, k: int, j: int, gen: torch.Generator) ->
 
 def assign_clusters(w: Tensor, k: int, method: str = "block", *, rank: int | None = None, seed: int = 0,
                     iters: int | None = None, init: str = "kmeans", restarts: int = PROJECTIVE_RESTARTS,
-                    fits: dict[bytes, SVD] | None = None) -> Tensor:
+                    fits: dict[bytes, GramEigh] | None = None) -> Tensor:
     """Cluster the m rows of ``w`` (m, n) into ``k`` groups → labels (m,) int64 in [0, k). Clusters may be empty.
 
     method:
       * ``"block"``      contiguous, nearly equal row blocks (C2I's "simple block splitting");
       * ``"kmeans"``     Euclidean k-means on rows, k-means++ seeding from ``seed`` (default iters 50);
-      * ``"projective"`` k linear subspaces of dimension ``rank`` (required), alternating assignment / SVD
+      * ``"projective"`` k linear subspaces of dimension ``rank`` (required), alternating assignment / subspace
                          refit (default iters 20 per run) from ``init`` ("kmeans" or "block") labels, plus
                          ``restarts`` runs from randomly sampled subspaces (seeded); the labelling with the
                          lowest objective wins, so the result is never worse than ``init``. Alternating
                          minimisation stalls in local minima; the restarts are what makes it find planted
-                         subspaces. Cost: (1 + restarts) × iters × k SVDs of a cluster's rows at most.
+                         subspaces. Cost: (1 + restarts) × iters × k Gram eigendecompositions of a
+                         cluster's rows at most (no SVD).
 
-    ``fits`` (a dict, projective only) receives the SVD of every cluster of the returned labels, by
-    :func:`membership`: :meth:`c2i_fast.decompose.ClusteredSVD.fit` then takes them instead of computing them
-    again (the same bits).
+    ``fits`` (a dict, projective only) receives the :class:`~c2i_fast.svd.GramEigh` of every cluster of the
+    returned labels, by :func:`membership`: :meth:`c2i_fast.decompose.ClusteredSVD.estimate` scores the
+    candidates from them without computing them again.
     """
     if w.dim() != 2:
         raise C2IError(f"expected a 2-D weight, got shape {tuple(w.shape)}")

@@ -32,7 +32,8 @@ from torch import Tensor
 from .clustering import (CLUSTER_METHODS, KMEANS_ITERS, PROJECTIVE_ITERS, PROJECTIVE_RESTARTS,  # noqa: F401
                          assign_clusters, check_k, membership, projective_objective)
 from .errors import C2IError
-from .svd import SVD, LowRankFactors, count_nonfinite, full_svd, rank_for  # noqa: F401  (this module's API too)
+from .svd import (SVD, GramEigh, LowRankFactors, count_nonfinite, full_svd, gram_eigh,  # noqa: F401  (this module's API too)
+                  rank_for)
 
 if TYPE_CHECKING:
     from .plan import Edit
@@ -120,38 +121,67 @@ class ClusteredFactors(ClusterLayout):
                                 self.rank_offsets.to(device))
 
 
+def _cluster_svds(w32: Tensor, row_index: Tensor, row_offsets: Tensor, name: str | None) -> list[SVD]:
+    """The thin SVD of each cluster's rows of w32 (m, n), rows in ``row_index`` order (empty: p = 0)."""
+    ri = row_index.to(w32.device)
+    out = []
+    for c in range(row_offsets.shape[0] - 1):
+        r0, r1 = int(row_offsets[c]), int(row_offsets[c + 1])
+        out.append(full_svd(w32[ri[r0:r1]], name=f"{name}[cluster {c}]" if name else None))
+    return out
+
+
 class ClusteredSVD:
     """Per-cluster thin SVDs of W's row blocks, computed once; :meth:`factors` slices them for any ρ.
 
     Attributes: ``shape`` (m, n); ``labels`` (m,) int64; ``row_index`` (m,), ``row_offsets`` (k+1,) int64
     (rows of cluster c in ascending original order); ``svds`` list of k :class:`SVD` (p_c = 0 for an empty
     cluster).
+
+    :meth:`fit` takes the SVDs at once. :meth:`estimate` (the search's candidates) scores every ρ from each
+    cluster's Gram eigendecomposition and takes the SVDs only when ``svds`` is first read, i.e. when one of its
+    candidates is scored or applied: most fits of a search are never scored.
     """
 
     def __init__(self, shape: tuple[int, int], labels: Tensor, row_index: Tensor, row_offsets: Tensor,
-                 svds: list[SVD]):
+                 svds: list[SVD] | None, *, weight: Tensor | None = None, name: str | None = None):
         self.shape = shape
         self.labels = labels
         self.row_index = row_index
         self.row_offsets = row_offsets
-        self.svds = svds
+        self._svds = svds
+        self._weight = weight         # W (m, n) fp32 while the SVDs are not taken yet
+        self._name = name
         self._sigma_grads: tuple[Tensor, list[Tensor]] | None = None    # (G, per-cluster g), see sigma_grads
+        self._spectra: tuple[Tensor, list[Tensor], list[Tensor]] | None = None   # (G, per-cluster σg, λ)
+        if svds is None and weight is None:
+            raise C2IError("a ClusteredSVD needs its SVDs or the weight to take them from")
 
     @property
     def n_clusters(self) -> int:
-        return len(self.svds)
+        return self.row_offsets.shape[0] - 1
 
     @property
     def cluster_sizes(self) -> list[int]:
         return torch.diff(self.row_offsets).tolist()
 
-    @classmethod
-    def fit(cls, w: Tensor, labels: Tensor, n_clusters: int | None = None, *, name: str | None = None,
-            known: dict[bytes, SVD] | None = None) -> "ClusteredSVD":
-        """SVD of each cluster's rows. w: (m, n); labels: (m,) ints in [0, k). k defaults to labels.max()+1.
-        ``known``: SVDs the clustering already took of these clusters' rows of ``w`` (by
-        :func:`c2i_fast.clustering.membership`; projective clustering's last refit), used as they are."""
-        m, n = w.shape
+    @property
+    def taken(self) -> bool:
+        """Have the per-cluster SVDs been computed?"""
+        return self._svds is not None
+
+    @property
+    def svds(self) -> list[SVD]:
+        """The k per-cluster SVDs, taken on first use for a fit made by :meth:`estimate`."""
+        if self._svds is None:
+            self._svds = _cluster_svds(self._weight, self.row_index, self.row_offsets, self._name)
+            self._weight = None
+        return self._svds
+
+    @staticmethod
+    def _layout(shape: tuple[int, int], labels: Tensor, n_clusters: int | None) -> tuple[Tensor, Tensor, Tensor]:
+        """labels (m,) → (labels, row_index (m,), row_offsets (k+1,)) int64 on the CPU, checked."""
+        m = shape[0]
         labels = torch.as_tensor(labels).to(device="cpu", dtype=torch.int64)
         if labels.shape != (m,):
             raise C2IError(f"labels must have shape ({m},), got {tuple(labels.shape)}")
@@ -162,19 +192,40 @@ class ClusteredSVD:
         # Stable sort keeps each cluster's rows in ascending original order: a block clustering then has
         # row_index == arange(m), the identity permutation.
         row_index = torch.sort(labels, stable=True).indices
-        sizes = torch.bincount(labels, minlength=k)
         row_offsets = torch.zeros(k + 1, dtype=torch.int64)
-        row_offsets[1:] = torch.cumsum(sizes, 0)
-        w32 = w.detach().float()
+        row_offsets[1:] = torch.cumsum(torch.bincount(labels, minlength=k), 0)
+        return labels, row_index, row_offsets
+
+    @classmethod
+    def fit(cls, w: Tensor, labels: Tensor, n_clusters: int | None = None, *,
+            name: str | None = None) -> "ClusteredSVD":
+        """SVD of each cluster's rows. w: (m, n); labels: (m,) ints in [0, k). k defaults to labels.max()+1."""
+        labels, row_index, row_offsets = cls._layout(tuple(w.shape), labels, n_clusters)
+        svds = _cluster_svds(w.detach().float(), row_index, row_offsets, name)
+        return cls(tuple(w.shape), labels, row_index, row_offsets, svds)
+
+    @classmethod
+    def estimate(cls, w: Tensor, labels: Tensor, n_clusters: int, grad: Tensor, *, name: str | None = None,
+                 known: dict[bytes, GramEigh] | None = None) -> "ClusteredSVD":
+        """A fit whose :meth:`truncation_delta` for ``grad`` (m, n) comes from each cluster's Gram
+        eigendecomposition (:class:`~c2i_fast.svd.GramEigh`; ``known``: those projective clustering took of
+        these clusters, by :func:`~c2i_fast.clustering.membership`) and whose SVDs are taken from ``w`` (m, n),
+        which must not change meanwhile, when first needed. The scores equal :meth:`fit`'s up to round-off;
+        the factors are :meth:`fit`'s to the bit."""
+        labels, row_index, row_offsets = cls._layout(tuple(w.shape), labels, n_clusters)
+        w32, g32 = w.detach().float(), grad.detach().float()
+        out = cls(tuple(w.shape), labels, row_index, row_offsets, None, weight=w32, name=name)
         ri = row_index.to(w32.device)
-        svds = []
-        for c in range(k):
+        sg, lam = [], []
+        for c in range(out.n_clusters):
             r0, r1 = int(row_offsets[c]), int(row_offsets[c + 1])
-            # the cluster's rows in ascending order, as the clustering took them: the same matrix, the same SVD
-            svd = (known or {}).get(membership(labels, c)) if r1 > r0 else None
-            svds.append(svd if svd is not None else
-                        full_svd(w32[ri[r0:r1]], name=f"{name}[cluster {c}]" if name else None))
-        return cls((m, n), labels, row_index, row_offsets, svds)
+            rows = w32[ri[r0:r1]]
+            ge = (known or {}).get(membership(labels, c)) if r1 > r0 else None
+            ge = ge if ge is not None else gram_eigh(rows)
+            sg.append(ge.sigma_g(rows, g32[ri[r0:r1]]))
+            lam.append(ge.lam)
+        out._spectra = (grad, sg, lam)
+        return out
 
     def ranks_for(self, rho: float) -> list[int]:
         """r_c = rank_for(ρ, |c|, n), 0 for an empty cluster: the same ρ on every block."""
@@ -208,15 +259,20 @@ class ClusteredSVD:
                                 rank_offsets.to(dev))
 
     def tail_energy(self, rho: float) -> float:
-        """||W - Ŵ||_F² at ρ: Σ_c Σ_{i>=r_c} σ_{c,i}² (float64)."""
+        """||W - Ŵ||_F² at ρ: Σ_c Σ_{i>=r_c} σ_{c,i}² (float64; from the Gram spectra until the SVDs are taken)."""
+        if self._svds is None:
+            return sum(float(lam[r:].sum()) for lam, r in zip(self._spectra[2], self.ranks_for(rho)))
         return sum(svd.tail_energy(r) for svd, r in zip(self.svds, self.ranks_for(rho)))
 
     def truncation_delta(self, grad: Tensor, rho: float) -> float:
         """First-order loss change ⟨G, Ŵ − W⟩ = −Σ_c Σ_{i>=r_c} σ_{c,i} g_{c,i}, g_{c,i} = u_{c,i}ᵀ G_c v_{c,i}.
 
         grad: G = ∂L/∂W (m, n) in W's layout. One GEMM per cluster, done once per ``grad`` and kept for the
-        next ρ (every ρ reads a tail of the same g_c); no dense Ŵ is formed.
+        next ρ (every ρ reads a tail of the same g_c); no dense Ŵ is formed. A fit made by :meth:`estimate` for
+        this ``grad`` sums its Gram spectra's σ_{c,i} g_{c,i} instead (no SVD).
         """
+        if self._spectra is not None and self._spectra[0] is grad:
+            return -sum(float(sg[r:].sum()) for sg, r in zip(self._spectra[1], self.ranks_for(rho)))
         total = 0.0
         for svd, g_sigma, r in zip(self.svds, self.sigma_grads(grad), self.ranks_for(rho)):
             total += truncation_delta(svd, g_sigma, r)
@@ -260,11 +316,8 @@ def cluster_labels(w: Tensor, edit: "Edit", fits: dict | None = None) -> Tensor:
 
 
 def fit_clusters(w: Tensor, edit: "Edit", *, name: str | None = None) -> ClusteredSVD:
-    """The rows of ``w`` (m, n) clustered as ``edit`` prescribes, each cluster's SVD taken: serves every ρ.
-    Projective clustering's own last SVDs of these clusters serve as they are (not taken twice)."""
-    fits: dict = {}
-    labels = cluster_labels(w, edit, fits)
-    return ClusteredSVD.fit(w, labels, edit.n_clusters, name=name, known=fits)
+    """The rows of ``w`` (m, n) clustered as ``edit`` prescribes, each cluster's SVD taken: serves every ρ."""
+    return ClusteredSVD.fit(w, cluster_labels(w, edit), edit.n_clusters, name=name)
 
 
 def fit(w: Tensor | None, edit: "Edit", source: SVD | ClusteredSVD | None = None, *,

@@ -68,13 +68,16 @@ def build_candidates(scans: list[MatrixScan], refs: dict[str, MatrixRef], rank_f
     """All (matrix, ρ, k, method) candidates for the scanned top matrices, with their first-order ΔL̂.
 
     k = 1 is one plain truncated SVD (its method is recorded as "block"; there is nothing to cluster). Labels
-    and per-cluster SVDs are computed once per (matrix, k, method) and serve every ρ as prefixes.
+    are computed once per (matrix, k, method) and serve every ρ. Every ρ's ΔL̂ comes from the clusters' Gram
+    eigendecompositions (:meth:`ClusteredSVD.estimate`); a fit's SVDs are taken only when one of its
+    candidates is scored or applied: the search scores a few dozen of the hundreds built.
     """
     for rho in rank_fractions:
         rank_for(rho, 1, 1)
     out: list[Candidate] = []
     for ms in tqdm(scans, desc="candidates", disable=not progress, leave=False):
-        w = refs[ms.name].weight().detach().float()
+        # a copy: the fits take their SVDs from it later, whatever the model's weight is by then
+        w = refs[ms.name].weight().detach().float().clone()
         m, n = w.shape
         for k in clusters:
             if not isinstance(k, int) or not 1 <= k <= m:
@@ -94,11 +97,11 @@ def build_candidates(scans: list[MatrixScan], refs: dict[str, MatrixRef], rank_f
                     "subspace_rank": rank_for(best_rho, -(-m // k), n), "iters": SEARCH_PROJECTIVE_ITERS,
                     "restarts": SEARCH_PROJECTIVE_RESTARTS}
                 edits = [Edit(ms.name, rho, k, method, seed, **recipe) for rho in rank_fractions]
-                taken: dict = {}                  # projective clustering's own SVDs of its final clusters
+                taken: dict = {}     # projective clustering's Gram eigendecompositions of its final clusters
                 labels = cluster_labels(w, edits[0], taken)
                 same = (k, _partition(labels))
                 if same not in fits:
-                    fits[same] = ClusteredSVD.fit(w, labels, k, name=ms.name, known=taken)
+                    fits[same] = ClusteredSVD.estimate(w, labels, k, ms.grad, name=ms.name, known=taken)
                 fitted = fits[same]
                 for e in edits:
                     out.append(Candidate(e, ms.layer, fitted.truncation_delta(ms.grad, e.rank_fraction), fitted))
@@ -111,7 +114,7 @@ def candidate_factors(c: Candidate):
 
 
 def _partition(labels: torch.Tensor) -> bytes:
-    """The row → cluster labels as bytes: equal bytes, equal partition (and the same fit, ClusteredSVD.fit)."""
+    """The row → cluster labels as bytes: equal bytes, equal partition (and the same fit)."""
     return labels.to(device="cpu", dtype=torch.int64).numpy().tobytes()
 
 

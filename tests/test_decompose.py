@@ -180,14 +180,14 @@ def test_projective_does_not_increase_objective_and_finds_subspaces():
     assert _same_partition(lab, truth)
 
 
-def test_projective_clustering_hands_its_svds_to_the_fit_bit_for_bit(monkeypatch):
-    """fit_clusters takes projective clustering's last SVDs of its final clusters instead of computing them
-    again, and a refit that moved no row of a cluster reuses that cluster's SVD: the same factors to the bit as
-    SVDs taken afresh, with fewer SVDs."""
+def test_projective_clustering_takes_no_svd_and_the_fit_one_per_cluster(monkeypatch):
+    """Projective clustering refits its subspaces from Gram eigendecompositions (no SVD) and hands them on by
+    cluster; fit_clusters then takes exactly one SVD per cluster."""
     import c2i_fast.clustering as clustering
     import c2i_fast.decompose as decompose
     from c2i_fast.decompose import fit_clusters
     from c2i_fast.plan import Edit
+    from c2i_fast.svd import GramEigh
     w, _ = _subspace_data(seed=2)
     calls = []
 
@@ -197,25 +197,69 @@ def test_projective_clustering_hands_its_svds_to_the_fit_bit_for_bit(monkeypatch
     monkeypatch.setattr(clustering, "full_svd", counting)
     monkeypatch.setattr(decompose, "full_svd", counting)
     for restarts in (0, 2):
-        edit = Edit("w", 0.1, 3, "projective", 0, subspace_rank=2, iters=5, restarts=restarts)
+        fits: dict = {}
+        labels = assign_clusters(w, 3, "projective", rank=2, seed=0, iters=5, restarts=restarts, fits=fits)
+        assert calls == [] and len(fits) == 3 and all(isinstance(f, GramEigh) for f in fits.values())
+        fitted = fit_clusters(w, Edit("w", 0.1, 3, "projective", 0, subspace_rank=2, iters=5, restarts=restarts))
+        assert len(calls) == 3 and torch.equal(fitted.labels, labels)
         calls.clear()
-        fast = fit_clusters(w, edit)
-        n_fast = len(calls)
-        labels = decompose.cluster_labels(w, edit)          # no hand-over: the fit takes every SVD anew
-        calls.clear()
-        fresh = ClusteredSVD.fit(w, labels, 3)
-        assert len(calls) == 3 and n_fast > 0
-        assert torch.equal(fast.labels, fresh.labels)
-        for a, b in zip(fast.svds, fresh.svds):
-            assert torch.equal(a.u, b.u) and torch.equal(a.s, b.s) and torch.equal(a.v, b.v)
-        for rho in (0.1, 0.5):
-            assert torch.equal(fast.factors(rho).reconstruct(), fresh.factors(rho).reconstruct())
-    # a labelling whose clusters are all known takes no SVD at all
+
+
+@pytest.mark.parametrize("shape", [(60, 24), (24, 60), (7, 7)])
+def test_gram_eigh_answers_what_the_svd_does(shape):
+    """σᵢgᵢ, tail energies and the top-j subspace from the smaller Gram match a float64 SVD, on both sides."""
+    from c2i_fast.svd import gram_eigh
+    w, g = _w(*shape, seed=3), _w(*shape, seed=4)
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    ge = gram_eigh(w)
+    assert ge.p == min(shape) and ge.lam.dtype == torch.float64
+    scale = float(s[0] ** 2)
+    assert torch.allclose(ge.lam, s ** 2, rtol=0, atol=1e-5 * scale)
+    ref_sg = s * ((u.T @ g.double()) * vh).sum(1)                      # σᵢ uᵢᵀ G vᵢ
+    assert torch.allclose(ge.sigma_g(w, g), ref_sg, rtol=0, atol=1e-4 * float(ref_sg.abs().max()))
+    for r in (0, 1, min(shape) // 2):
+        assert math.isclose(ge.tail(r), float((s[r:] ** 2).sum()), rel_tol=1e-4, abs_tol=1e-5 * scale)
+    j = max(1, min(shape) // 3)
+    b = ge.top_basis(w, j).double()
+    assert b.shape == (shape[1], j) and torch.allclose(b.T @ b, torch.eye(j, dtype=torch.float64), atol=1e-5)
+    ref = vh[:j].T
+    assert torch.allclose(b @ b.T, ref @ ref.T, atol=1e-4)              # the same subspace (its basis may rotate)
+    empty = gram_eigh(w[:0])
+    assert empty.p == 0 and empty.sigma_g(w[:0], g[:0]).shape == (0,)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_estimated_fit_scores_like_the_fit_and_takes_its_svds_on_first_use(monkeypatch, method):
+    """ClusteredSVD.estimate: every ρ's ΔL̂ and tail energy as the SVD-based fit's up to round-off, no SVD until
+    the factors are asked for, then the fit's factors to the bit."""
+    import c2i_fast.decompose as decompose
+    w, g = _w(90, 40, seed=5), _w(90, 40, seed=6)
     fits: dict = {}
-    labels = assign_clusters(w, 3, "projective", rank=2, seed=0, iters=5, restarts=0, fits=fits)
+    labels = assign_clusters(w, 4, method, rank=3, seed=0, iters=5, restarts=0, fits=fits)
+    calls = []
+
+    def counting(rows, *a, **k):
+        calls.append(1)
+        return full_svd(rows, *a, **k)
+    monkeypatch.setattr(decompose, "full_svd", counting)
+    est = ClusteredSVD.estimate(w, labels, 4, g, known=fits)
+    assert calls == [] and not est.taken
+    fresh = ClusteredSVD.fit(w, labels, 4)
     calls.clear()
-    ClusteredSVD.fit(w, labels, 3, known=fits)
-    assert calls == [] and len(fits) == 3
+    scale = float(w.norm() * g.norm())
+    for rho in (0.9, 0.5, 0.1, 0.01):
+        assert math.isclose(est.truncation_delta(g, rho), fresh.truncation_delta(g, rho), rel_tol=1e-4,
+                            abs_tol=1e-5 * scale)
+        assert math.isclose(est.tail_energy(rho), fresh.tail_energy(rho), rel_tol=1e-4,
+                            abs_tol=1e-5 * float(w.norm()) ** 2)
+        ref = first_order_delta(g, w, fresh.factors(rho).reconstruct())
+        assert math.isclose(est.truncation_delta(g, rho), ref, rel_tol=1e-3, abs_tol=1e-4 * scale)
+    assert calls == [] and not est.taken
+    for rho in (0.5, 0.1):
+        assert torch.equal(est.factors(rho).reconstruct(), fresh.factors(rho).reconstruct())
+    assert len(calls) == 4 and est.taken          # one SVD per cluster, once
+    est.factors(0.9)
+    assert len(calls) == 4
 
 
 def test_projective_objective_equals_clustered_reconstruction_error():
