@@ -94,6 +94,26 @@ def test_search_scores_each_distinct_factorization_once(smollm2, data_dir, monke
     assert calls == [] and [c.key() for c in again.best] == [c.key() for c in res.best]
 
 
+def test_a_search_takes_the_svds_of_the_fits_it_scores_and_no_others(smollm2, data_dir):
+    """build_candidates scores every clustering from Gram eigendecompositions; a fit's SVDs are taken when one of
+    its candidates is scored, and they are the SVDs `c2i apply` takes (fit from the edit alone): the same bits."""
+    from c2i_fast.decompose import ClusteredSVD, fit
+    task = check_tokenization(load_task("bigbench_epistemic_reasoning", data_dir), smollm2.tokenizer)
+    sc = Scorer(smollm2.model, smollm2.tokenizer, split(task, 8, 4, seed=0)["select"], task.kind, batch_tokens=300)
+    cache = PrefixCache()
+    base = sc.evaluate(cache, capture={LAYER})
+    cands = [c for c in _candidates(smollm2.model, (0.05, 0.01), (2, 4), ("block", "kmeans"))
+             if c.edit.n_clusters > 1]                     # (k = 1 is always built: the scan's own SVD)
+    fits = {id(c.source): c.source for c in cands}
+    assert all(isinstance(f, ClusteredSVD) and not f.taken for f in fits.values()) and len(fits) >= 3
+    res = search(sc, cands, base, cache, len(decoder_layers(smollm2.model)), max_evals=2, progress=False)
+    scored = {id(c.source) for c in res.evaluated}
+    assert len(res.evaluated) == 2 and all(f.taken == (i in scored) for i, f in fits.items())
+    w = {r.name: r for r in target_matrices(smollm2.model)}[MATRIX].weight()
+    for c in res.evaluated:
+        assert torch.equal(candidate_factors(c).reconstruct(), fit(w, c.edit).reconstruct())
+
+
 def test_dense_paper_faithful_search_scores_every_grid_point(smollm2, data_dir, monkeypatch):
     """The paper-faithful / LASER way (dense=True, the speed bench's baselines) evaluates duplicates too."""
     task = check_tokenization(load_task("fever", data_dir), smollm2.tokenizer)
