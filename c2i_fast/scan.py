@@ -42,7 +42,7 @@ from .errors import C2IError
 from .evaluate import Scorer
 from .models import MatrixRef, decoder_layers
 from .replay import PrefixCache
-from .svd import weight_gram_eigh
+from .svd import GramEigh, weight_gram_eigh
 
 SCORES = ("first_order", "grad_norm")
 SCAN_SVDS = ("full", "randomized", "gram")
@@ -305,9 +305,8 @@ def _gram_scan(r: MatrixRef, g_mat: torch.Tensor, rank_fractions) -> MatrixScan:
     ``g_sigma`` is σᵢgᵢ / σᵢ (0 where σᵢ = 0): it only feeds the report's norm; the top-K are rescored."""
     w, g = r.weight().detach().float(), g_mat.float()
     m, n = w.shape
-    a, b = (w, g) if m <= n else (w.T, g.T)             # a (p, q), p ≤ q
-    lam, vecs = weight_gram_eigh(r.param, transposed=r.transposed)    # σ² descending, the side of a
-    sg = ((vecs.T @ (b @ a.T)) * vecs.T).sum(1).double()    # (p,) σᵢgᵢ = qᵢᵀ (G Wᵀ) qᵢ
+    lam, vecs = weight_gram_eigh(r.param, transposed=r.transposed)    # σ² descending, of the smaller side
+    sg = GramEigh(lam, vecs, m <= n).sigma_g(w, g)                     # (p,) σᵢgᵢ
     sigma = lam.sqrt()
     g_sigma = torch.where(sigma > 0, sg / sigma.clamp_min(torch.finfo(sigma.dtype).tiny), torch.zeros_like(sg))
     delta = {rho: -float(sg[rank_for(rho, m, n):].sum()) for rho in rank_fractions}

@@ -201,8 +201,8 @@ class GramEigh:
 
     def sigma_g(self, x: Tensor, grad: Tensor) -> Tensor:
         """(p,) float64 σᵢgᵢ = σᵢ uᵢᵀ G vᵢ for G = ``grad`` (c, n), without a division: uᵢᵀ(G xᵀ)uᵢ when q = U,
-        vᵢᵀ(xᵀG)vᵢ when q = V (x vᵢ = σᵢ uᵢ). They sum to ⟨G, x⟩."""
-        m = grad @ x.T if self.left else x.T @ grad                     # (p, p)
+        vᵢᵀ(Gᵀx)vᵢ when q = V (x vᵢ = σᵢ uᵢ). They sum to ⟨G, x⟩."""
+        m = grad @ x.T if self.left else grad.T @ x                     # (p, p)
         return ((self.q.T @ m) * self.q.T).sum(1).double()
 
     def top_basis(self, x: Tensor, j: int) -> Tensor:
