@@ -52,6 +52,7 @@ MIN_TEST = 50                 # fewest held-out rows a task keeps before its sel
 WORK = ".work"          # <out>/<task>/.work/<method>/: a running cell's run folder, kept when killed (committed while it runs)
 RUN_ORDER = ("c2i_fast", "c2i", "laser")      # c2i_fast first: the cheapest, and the others' time estimate
 LASER_RHO = 8                 # LASER's ρ grid (LaserConfig's default rank_fractions)
+C2I_KEEP_BEST = 3             # the c2i cell's pruning keeps this many best exact: the confirm rule's confirm_top
 
 
 def parse_skips(specs: list[str], model: str) -> dict[tuple[str, str], str]:
@@ -260,8 +261,10 @@ class Bench:
         else:
             grid = dict(samples=sizes["n_select"], top_k=a.top_k, rank_fractions=tuple(a.rank_fractions),
                         clusters=tuple(a.clusters), methods=tuple(a.methods), confirm_size=a.confirm_size)
-            rule = dict(rule="paper", max_evals=0) if method == "c2i" else dict(rule="confirm",
-                                                                                 max_evals=a.max_evals)
+            # c2i's pruning keeps the best three exact (not only its pick): its ranking of every candidate is
+            # then also the confirm rule's, which bench/bench_exhaustive.py reads
+            rule = dict(rule="paper", max_evals=0, keep_best=C2I_KEEP_BEST) if method == "c2i" else dict(
+                rule="confirm", max_evals=a.max_evals)
             rep = adapt(AdaptConfig(out=str(work / "run"), draws=1, **grid, **rule, **common), lm=self.lm)
             shipped, reason = rep["decision"]["shipped"], rep["decision"]["reason"]
             extra = {"rule": rule["rule"], "max_evals": rule["max_evals"]}

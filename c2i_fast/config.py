@@ -75,6 +75,10 @@ class AdaptConfig(RunConfig):
     # "exact" (the same plans and top candidates as "off"), "race" / "halve" (fewer passes, not always the same
     # plan) or "off" (every candidate scored on every row).
     prune: str = "exact"
+    # bench: keep at least this many of the best exact under pruning (default: those the rule reads). The results
+    # table's C2I cell keeps confirm_top, so its every-candidate ranking also serves the confirm rule
+    # (bench/bench_exhaustive.py).
+    keep_best: int = 0
     # The scan's SVDs: "full" (every matrix), "randomized" (the top singular triplets the ρ grid needs, where
     # it needs fewer than c2i_fast.scan.RANDOMIZED_MAX_FRACTION of them; the top-K get a full SVD again) or "gram"
     # (every score from the smaller Gram matrix's eigendecomposition, the full SVD's up to round-off; the top

@@ -576,10 +576,9 @@ def search(scorer: Scorer, candidates: list[Candidate], base: dict, cache: Prefi
 def prune_keep(cfg) -> int:
     """How many of the best candidates the run's decisions read, so how many the Pruner must keep exact: the
     paper rule reads the best one only (its plan), the confirm rule re-scores the best ``confirm_top``, and
-    ``compare_rules`` decides every rule on one search."""
-    if cfg.rule == "paper" and not cfg.compare_rules:
-        return 1
-    return max(1, cfg.confirm_top)
+    ``compare_rules`` decides every rule on one search; ``keep_best`` (a bench's) asks for more."""
+    keep = 1 if cfg.rule == "paper" and not cfg.compare_rules else max(1, cfg.confirm_top)
+    return max(keep, getattr(cfg, "keep_best", 0))
 
 
 def prune_mode(cfg, task, n_confirm: int, min_confirm_rows: int) -> tuple[str, str | None]:

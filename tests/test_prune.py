@@ -316,3 +316,5 @@ def test_the_paper_rule_keeps_only_its_pick_exact():
     assert prune_keep(AdaptConfig(model="m", task="t", out="-", rule="paper")) == 1
     assert prune_keep(AdaptConfig(model="m", task="t", out="-", rule="paper", compare_rules=True)) == 3
     assert prune_keep(AdaptConfig(model="m", task="t", out="-", rule="confirm", confirm_top=4)) == 4
+    assert prune_keep(AdaptConfig(model="m", task="t", out="-", rule="paper", keep_best=3)) == 3     # a bench's
+    assert prune_keep(AdaptConfig(model="m", task="t", out="-", rule="confirm", keep_best=2)) == 3
