@@ -14,6 +14,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# pytest-xdist (`-n 2`, the README's test command): the workers split the cores between them, since OpenMP threads
+# beyond the cores spin against each other. Set before torch is imported, so subprocesses inherit it too.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
+                                                     // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
