@@ -315,13 +315,18 @@ def save_architecture(spec: str, out: str | Path) -> Path:
                      {"architecture_of": spec, "weights": None})
 
 
-def _save_dir(out: Path, parts: list, source: dict) -> Path:
+def _save_dir(out: Path, parts: list, source: dict, replace: bool = True) -> Path:
     """``save_pretrained`` each of ``parts`` plus c2i_source.json into ``out``, atomically (built under a temp
-    name, then renamed over any old ``out``)."""
-    with atomic_directory(out, replace=True) as tmp:
-        for part in parts:
-            part.save_pretrained(tmp)
-        (tmp / "c2i_source.json").write_text(json.dumps(source))
+    name, then renamed into place). ``replace``: over any old ``out``; else a complete ``out`` that another
+    process put there meanwhile is kept and this copy dropped."""
+    try:
+        with atomic_directory(out, replace=replace) as tmp:
+            for part in parts:
+                part.save_pretrained(tmp)
+            (tmp / "c2i_source.json").write_text(json.dumps(source))
+    except OSError:
+        if replace or not (out / "config.json").is_file():
+            raise
     return out
 
 
@@ -350,7 +355,9 @@ def _convert_gguf(directory: str, fname: str, dtype: torch.dtype, out: Path) -> 
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    _save_dir(out, [model, tok], {"gguf": str(Path(directory) / fname)})
+    # replace=False: two processes converting the same file at once (test workers, torchrun ranks) write the
+    # same bytes; the second must not delete the copy the first may already be loading from
+    _save_dir(out, [model, tok], {"gguf": str(Path(directory) / fname)}, replace=False)
 
 
 _GGUF_SPECIAL = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}

@@ -140,3 +140,41 @@ def test_gguf_special_tokens_are_the_files(smollm2):
     assert bad(["a b c", "a"], padding=True).input_ids[1][-1] == 2          # padded batches work again
     _set_special_tokens(bad, {"pad": 10 ** 9})                             # an id outside the vocabulary: ignored
     assert bad.pad_token_id == 2
+
+
+class _Part:
+    """A save_pretrained that, halfway, lets "another process" finish the same conversion first."""
+
+    def __init__(self, out: Path, race: bool):
+        self.out, self.race = out, race
+
+    def save_pretrained(self, d):
+        (Path(d) / "weights").write_text("mine")
+        (Path(d) / "config.json").write_text("{}")
+        if self.race:
+            self.out.mkdir(parents=True)
+            (self.out / "config.json").write_text("{}")
+            (self.out / "weights").write_text("theirs")
+
+
+def test_a_conversion_another_process_finished_first_is_kept(tmp_path):
+    """Two processes converting the same GGUF at once (test workers, torchrun ranks): the second to finish must
+    not delete the first's copy, which the first may already be loading from; no temp directory is left."""
+    from c2i_fast.models import _save_dir
+    out = tmp_path / "converted" / "m"
+    _save_dir(out, [_Part(out, race=True)], {"gguf": "x"}, replace=False)
+    assert (out / "weights").read_text() == "theirs"
+    assert [p.name for p in out.parent.iterdir()] == ["m"]
+    # with replace (a refreshed copy) the new one wins
+    _save_dir(out, [_Part(out, race=False)], {"gguf": "x"}, replace=True)
+    assert (out / "weights").read_text() == "mine"
+
+
+def test_an_incomplete_directory_in_the_way_is_an_error(tmp_path):
+    from c2i_fast.models import _save_dir
+    out = tmp_path / "m"
+    (out / "junk").parent.mkdir(parents=True)
+    (out / "junk").write_text("x")              # no config.json: not a finished conversion
+    with pytest.raises(OSError):
+        _save_dir(out, [_Part(out / "elsewhere", race=False)], {"gguf": "x"}, replace=False)
+    assert not any(p.name.startswith(".m.tmp-") for p in tmp_path.iterdir())
