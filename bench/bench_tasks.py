@@ -125,6 +125,27 @@ def estimates(rep: dict, laser_layers: tuple | None) -> dict:
     return {"c2i": round(c2i, 1), "laser": round(laser, 1), "seconds_per_layer_pass": per_pass}
 
 
+RESUMED_NOTE = ("wall = this run + each earlier run up to its last journaled candidate; layer-passes: this run's "
+                "only (journaled candidates were not rescored)")
+RESUMED_UNTIMED = ("wall not known: an earlier run's journal lines carry no time (written before they did), so "
+                   "its span is unknown; seconds_this_run is this run's alone. Layer-passes: this run's only")
+
+
+def last_journaled(journal: Path, since: float) -> float | None:
+    """When the last candidate journaled at or after ``since`` (epoch seconds) was scored, from the journal
+    lines' ``"t"``; None when no such line has one. Not the file's time: a checkout rewrites that."""
+    times = []
+    if journal.is_file():
+        for line in journal.read_text().splitlines():
+            try:
+                t = json.loads(line).get("t")
+            except json.JSONDecodeError:
+                continue                # a torn last line from a kill
+            if isinstance(t, (int, float)) and t >= since:
+                times.append(float(t))
+    return max(times) if times else None
+
+
 class Bench:
     """One model's cells in ``out``: what to run, the runs, the cells written."""
 
@@ -228,8 +249,8 @@ class Bench:
         atomic_write_text(cell, json.dumps(plan, indent=2, default=str) + "\n")
         log, journal = work / "attempts.jsonl", work / "run" / "journal.jsonl"
         earlier = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-        if earlier and journal.is_file():       # the last attempt's useful span ends at its last journal line
-            earlier[-1].setdefault("last_progress", journal.stat().st_mtime)
+        if earlier and "last_progress" not in earlier[-1]:  # the last attempt's span ends at its last journal line
+            earlier[-1]["last_progress"] = last_journaled(journal, since=earlier[-1]["start"])
         now = {"start": time.time(), "commit": git_commit()}
         atomic_write_text(log, "".join(json.dumps(e) + "\n" for e in [*earlier, now]))
         return work, earlier
@@ -244,7 +265,10 @@ class Bench:
         common["resume"] = (work / "run" / "journal.jsonl").is_file()
         if not common["resume"]:
             shutil.rmtree(work / "run", ignore_errors=True)     # killed before its first candidate: start over
-        spent_before = sum(max(0.0, e.get("last_progress", e["start"]) - e["start"]) for e in earlier)
+        # None when an earlier run's end is not known (a journal written before lines carried their time)
+        spans = [None if e.get("last_progress") is None else max(0.0, e["last_progress"] - e["start"])
+                 for e in earlier]
+        spent_before = None if None in spans else sum(spans)
         # no cleanup on failure: the work folder stays, and the next run resumes from its journal
         t0 = time.perf_counter()
         if method == "laser":
@@ -274,14 +298,14 @@ class Bench:
         fp, sr = rep["forward_passes"], rep["search"]
         if earlier:
             extra["resumed"] = {"attempts": len(earlier) + 1, "seconds_this_run": round(seconds, 1),
-                                "seconds_earlier": round(spent_before, 1),
-                                "note": "wall = this run + each earlier run up to its last journaled candidate; "
-                                        "layer-passes: this run's only (journaled candidates were not rescored)"}
-            seconds += spent_before
+                                "seconds_earlier": None if spent_before is None else round(spent_before, 1),
+                                "note": RESUMED_NOTE if spent_before is not None else RESUMED_UNTIMED}
+            seconds = None if spent_before is None else seconds + spent_before
         cell = {"sizes": {**sizes, "n_select": rep["task"].get("n_select", rep["task"].get("n_val")),
                           "n_test": rep["task"]["n_test"], "n_confirm": rep["task"].get("n_confirm")},
                 "held_out": held_out(rep["test"]), "base_held_out": held_out(rep["test"], "base"),
-                "plan": rep["plan"], "shipped": shipped, "reason": reason, "seconds": round(seconds, 1),
+                "plan": rep["plan"], "shipped": shipped, "reason": reason,
+                "seconds": None if seconds is None else round(seconds, 1),
                 "layer_passes": fp["search_layer_passes"], "layers": fp["layers"],
                 "n_candidates": sr["n_candidates"], "n_evaluated": sr["n_evaluated"], "timings": rep["timings"],
                 **extra, "settings": self.settings(), "provenance": self.provenance(rep.get("versions"))}

@@ -112,9 +112,15 @@ def row(cell: dict) -> str:
     loss = num(h.get("log_loss"))
     passes = cell.get("layer_passes")
     # a cell resumed after a kill: its wall sums the runs, its layer-passes are the last run's only
-    resumed = f" (resumed, {cell['resumed']['attempts']} runs)" if cell.get("resumed") else ""
+    resumed, wall = "", fmt_seconds(cell.get("seconds"))
+    if cell.get("resumed"):
+        r = cell["resumed"]
+        resumed = f" (resumed, {r['attempts']} runs)"
+        if cell.get("seconds") is None:   # an earlier run's span is not known: this run's time, a lower bound
+            wall = f"≥ {fmt_seconds(r['seconds_this_run'])}"
+            resumed = f" (this run of {r['attempts']}; earlier not timed)"
     cols = [task, method, _sizes(cell), acc, majority.replace("|", "/"), delta, fixed, p, changed,
-            "—" if loss is None else f"{loss:.3f}", _plan(cell), fmt_seconds(cell.get("seconds")) + resumed,
+            "—" if loss is None else f"{loss:.3f}", _plan(cell), wall + resumed,
             "—" if passes is None else f"{passes:,.0f}" + (" (last run)" if resumed else "")]
     return "| " + " | ".join(cols) + " |"
 

@@ -152,7 +152,8 @@ def _journal_writer(path: Path):
     def write(c: Candidate):
         if not distributed.is_main():
             return
-        line = json.dumps({"key": c.key(), "result": c.result}) + "\n"
+        # "t" (epoch seconds): when the result was known, so a resumed run's earlier spans can be timed
+        line = json.dumps({"key": c.key(), "result": c.result, "t": round(time.time(), 1)}) + "\n"
         with open(path, "a") as f:       # one write of one line, then fsync: a kill leaves whole lines
             f.write(line)
             f.flush()

@@ -17,17 +17,38 @@ triton is optional: without it everything imports and runs the references.
 """
 import sys as _sys
 
+
+def _other_kernels(name: str, here: str):
+    """The package ``name`` found on sys.path outside this folder's parent (Hugging Face's `kernels`, installed
+    in site-packages), imported under that name; None when there is none."""
+    import importlib.machinery
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(here).resolve().parent.parent
+    path = [p for p in _sys.path if Path(p or ".").resolve() != root]
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    _sys.modules[name] = module          # as the import system does: a package importing itself finds itself
+    spec.loader.exec_module(module)
+    return module
+
+
 if __name__.split(".")[0] != "c2i_fast":
     # Imported as a top-level `kernels`: the checkout's root is on sys.path (`python -m pytest`, `python -c` there)
-    # and transformers probes for Hugging Face's `kernels` package by importing that name. Running this package
-    # a second time under another name would register the torch.ops.c2i.* ops again, and the second
-    # registration would take over from c2i_fast.kernels' (its module globals, its monkeypatches). Be
-    # c2i_fast.kernels instead; where that is not importable (an uninstalled checkout), stay an empty module.
-    try:
-        import importlib as _importlib
-        _sys.modules[__name__] = _importlib.import_module("c2i_fast.kernels")
-    except ImportError:
-        pass
+    # and transformers imports Hugging Face's `kernels` package by that name (a dependency from transformers
+    # 5.25 on). Be that package where it is installed; otherwise be c2i_fast.kernels, never a second copy of
+    # ours (a second registration of the torch.ops.c2i.* ops would take over from c2i_fast.kernels' module
+    # globals and monkeypatches); where neither is importable (an uninstalled checkout), stay an empty module.
+    _real = _other_kernels(__name__, __file__)
+    if _real is None:
+        try:
+            import importlib as _importlib
+            _sys.modules[__name__] = _importlib.import_module("c2i_fast.kernels")
+        except ImportError:
+            pass
 else:
     from . import naive  # noqa: F401
     from .clustered import clustered_lowrank_matmul  # noqa: F401

@@ -2,6 +2,7 @@
 to small tasks, the markdown table with every planned cell. The end-to-end run is tiny but real (SmolLM2, FEVER)."""
 import json
 import os
+import time
 
 import pytest
 
@@ -220,7 +221,7 @@ def test_a_killed_cell_resumes_its_run_and_a_changed_one_starts_over(bench, tmp_
         run = bench.Path(cfg.out)
         run.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:
-            (run / "journal.jsonl").write_text('{"key": "first candidate"}\n')
+            (run / "journal.jsonl").write_text(json.dumps({"key": "first candidate", "t": time.time()}) + "\n")
             raise RuntimeError("killed after one candidate")
         assert (run / "journal.jsonl").read_text().count("\n") == 1        # what the killed run left
         return real
@@ -234,6 +235,7 @@ def test_a_killed_cell_resumes_its_run_and_a_changed_one_starts_over(bench, tmp_
     assert bench.main(argv) == 0 and calls == [False, True]
     cell = json.loads((out / "fever" / "laser.json").read_text())
     assert cell["resumed"]["attempts"] == 2 and cell["seconds"] >= cell["resumed"]["seconds_this_run"]
+    assert cell["resumed"]["seconds_earlier"] is not None
     assert not (out / "fever" / bench.WORK).exists()             # written: the run folder is gone
 
     # a folder left by a run of another plan (other settings, sizes …) is started over, not resumed
@@ -241,9 +243,38 @@ def test_a_killed_cell_resumes_its_run_and_a_changed_one_starts_over(bench, tmp_
     me = SimpleNamespace(out=out)
     work, earlier = bench.Bench.attempts(me, "fever", "laser", {"settings": {"top_k": 5}})
     (work / "run").mkdir()
-    (work / "run" / "journal.jsonl").write_text('{"key": "a"}\n')
+    started = time.time()
+    (work / "run" / "journal.jsonl").write_text(json.dumps({"key": "a", "t": started + 5}) + "\n")
     work, earlier = bench.Bench.attempts(me, "fever", "laser", {"settings": {"top_k": 5}})
-    assert len(earlier) == 1 and earlier[0]["last_progress"] >= earlier[0]["start"]
+    assert len(earlier) == 1 and earlier[0]["last_progress"] == started + 5
     assert (work / "run" / "journal.jsonl").is_file()
     work, earlier = bench.Bench.attempts(me, "fever", "laser", {"settings": {"top_k": 7}})
     assert earlier == [] and not (work / "run").exists()
+
+
+def test_an_earlier_run_without_journal_times_leaves_the_wall_unknown(bench, render, tmp_path, monkeypatch):
+    """The span of an earlier run comes from its journal lines' times ("t"), never from the file's time (a
+    checkout rewrites that: it once made a 55-minute run read as 13 hours). A journal whose lines carry no time
+    (written before they did) leaves the cell's wall unknown, and the table says so with this run's time as a
+    lower bound."""
+    import c2i_fast.pipeline as pipeline
+    real = json.loads((bench.REPO / "bench/results/tasks-smollm2/counterfact_rewrite_all/reports/laser.json")
+                      .read_text())
+
+    def fake_laser(cfg, lm=None):
+        run = bench.Path(cfg.out)
+        run.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            (run / "journal.jsonl").write_text('{"key": "first candidate"}\n')     # an old journal: no "t"
+            raise RuntimeError("killed after one candidate")
+        return real
+    monkeypatch.setattr(pipeline, "laser", fake_laser)
+    monkeypatch.setattr(bench.Bench, "lm", property(lambda self: None))
+    out = tmp_path / "tasks"
+    argv = ["--model", "smollm2", "--tasks", "fever", "--cells", "laser", "--quiet", "--out", str(out)]
+    assert bench.main(argv) != 0 and bench.main(argv) == 0
+    cell = json.loads((out / "fever" / "laser.json").read_text())
+    assert cell["seconds"] is None and cell["resumed"]["seconds_earlier"] is None
+    assert cell["resumed"]["seconds_this_run"] >= 0 and "not known" in cell["resumed"]["note"]
+    row = render.row(cell)
+    assert row.split("|")[12].strip().startswith("≥ ") and "earlier not timed" in row

@@ -120,21 +120,35 @@ def test_search_through_triton_matches_reference(tmp_path, data_dir, monkeypatch
 
 
 def test_checkout_kernels_folder_is_not_a_second_copy():
-    """From the checkout's root (`python -m pytest` puts it on sys.path) transformers probes `import kernels`
-    (Hugging Face's package of that name) and finds our kernels/ folder. It must not run a second copy of our
-    ops under that name: the second registration of torch.ops.c2i.* would take over from c2i_fast.kernels'."""
+    """From the checkout's root (`python -m pytest` puts it on sys.path) transformers imports `kernels` (Hugging
+    Face's package of that name, a dependency of transformers ≥ 5.25) and would find our kernels/ folder first.
+    Where Hugging Face's package is installed, that import must give it (loading a model needs it); otherwise it
+    must not run a second copy of our ops under that name: the second registration of torch.ops.c2i.* would take
+    over from c2i_fast.kernels'."""
     import subprocess
     import sys
     from pathlib import Path
 
     code = """
-import sys
+import importlib.metadata, sys
+from pathlib import Path
 from transformers.utils.import_utils import is_kernels_available
+import kernels
 import c2i_fast.kernels
-assert not is_kernels_available()                                  # not mistaken for Hugging Face's package
-assert sys.modules["kernels"] is sys.modules["c2i_fast.kernels"]   # one copy, whichever name imported it
-assert not [m for m in sys.modules if m.startswith("kernels.")]
-print("ok")
+try:
+    importlib.metadata.version("kernels")
+    hf = True
+except importlib.metadata.PackageNotFoundError:
+    hf = False
+assert is_kernels_available() == hf
+if hf:                                              # Hugging Face's, from site-packages, not our folder
+    assert Path(kernels.__file__).resolve() != Path(c2i_fast.kernels.__file__).resolve()
+    assert hasattr(kernels, "kernelize") and not hasattr(kernels, "lowrank_matmul")
+    from transformers.integrations import hub_kernels          # what failed when our folder stood in for it
+else:
+    assert sys.modules["kernels"] is sys.modules["c2i_fast.kernels"]   # one copy, whichever name imported it
+    assert not [m for m in sys.modules if m.startswith("kernels.")]
+print("ok", hf)
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])
