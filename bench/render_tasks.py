@@ -5,6 +5,8 @@ One table per folder (one model), a row per (task, method) cell, then the comman
 planned cell without a file (meta.json's tasks × methods) reads "not run yet", a skipped one its reason.
 
     python bench/render_tasks.py bench/results/tasks-smollm2 bench/results/tasks-qwen2.5-coder-1.5b
+    python bench/render_tasks.py bench/results/tasks-smollm2 bench/results/tasks-qwen2.5-coder-1.5b \
+        --into docs/results.md        # the tables in place, between their '<!-- render_tasks: … -->' markers
 
 Columns, all on the same held-out rows per task: accuracy with its 95% Wilson score interval; the majority-class
 rate on those rows; the paired difference with the base model (Δ, its normal 95% interval from the per-example
@@ -192,11 +194,34 @@ def render(folder: Path, meta: dict | None = None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def fill(doc: str, folder: str, table: str) -> str:
+    """``doc`` with the text between ``<!-- render_tasks: FOLDER -->`` and the next ``<!-- /render_tasks -->``
+    replaced by ``table`` (its "### model" heading dropped: the document has its own)."""
+    start, end = f"<!-- render_tasks: {folder} -->\n", "<!-- /render_tasks -->"
+    i = doc.find(start)
+    j = doc.find(end, i + len(start)) if i >= 0 else -1
+    if i < 0 or j < 0:
+        raise SystemExit(f"render_tasks: no '{start.strip()}' … '{end}' block in the document")
+    body = table.split("\n", 2)[2] if table.startswith("### ") else table
+    return doc[:i + len(start)] + body.rstrip("\n") + "\n" + doc[j:]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folders", nargs="+", help="bench_tasks.py --out folders (one model each)")
+    ap.add_argument("--into", metavar="DOC", help="write each table into DOC between its '<!-- render_tasks: "
+                    "FOLDER -->' and '<!-- /render_tasks -->' lines (FOLDER as given here) instead of printing")
     args = ap.parse_args(argv)
-    print("\n".join(render(Path(f)) for f in args.folders))
+    tables = {f: render(Path(f)) for f in args.folders}
+    if args.into is None:
+        print("\n".join(tables.values()))
+        return 0
+    doc = Path(args.into).read_text()
+    for folder, table in tables.items():
+        doc = fill(doc, folder, table)
+    tmp = Path(args.into + ".tmp")
+    tmp.write_text(doc)
+    tmp.replace(args.into)              # all tables or none: a missing block fails before anything is written
     return 0
 
 

@@ -128,6 +128,27 @@ def test_renderer_table_from_hand_made_cells(render, tmp_path):
     assert "not the same rows" in render.render(out)
 
 
+def test_render_into_a_document_replaces_only_its_block(render, tmp_path):
+    out = tmp_path / "tasks-smollm2"
+    _write(out, _cell("fever", "base", 0.5))
+    doc = tmp_path / "results.md"
+    text = (f"# Results\nbefore\n<!-- render_tasks: {out} -->\nold table\n<!-- /render_tasks -->\nafter\n"
+            f"<!-- render_tasks: {out} -->\n")             # an unclosed second block: only the first is filled
+    doc.write_text(text)
+    assert render.main([str(out), "--into", str(doc)]) == 0
+    new = doc.read_text()
+    assert new.startswith(f"# Results\nbefore\n<!-- render_tasks: {out} -->\nSeed 0") and "old table" not in new
+    assert "### smollm2" not in new and "| fever | base |" in new
+    assert new.endswith(f"<!-- /render_tasks -->\nafter\n<!-- render_tasks: {out} -->\n")
+    assert render.main([str(out), "--into", str(doc)]) == 0 and doc.read_text() == new      # idempotent
+    # a folder without a block: one clear error, the document untouched
+    other = tmp_path / "tasks-qwen"
+    _write(other, _cell("fever", "base", 0.6))
+    with pytest.raises(SystemExit, match="no '<!-- render_tasks: .*tasks-qwen -->'"):
+        render.main([str(out), str(other), "--into", str(doc)])
+    assert doc.read_text() == new
+
+
 def test_render_plans_cells_of_a_folder_not_made_yet(bench, tmp_path, capsys):
     assert bench.main(["--render", "--out", str(tmp_path / "none"), "--model", "qwen2.5-coder-1.5b",
                        "--tasks", "fever,truthfulqa"]) == 0
