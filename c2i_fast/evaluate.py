@@ -9,7 +9,8 @@ read columns only.
 
 Shared prompt prefix: when every row starts with the same tokens (a task instruction, few-shot examples), those
 tokens are run once per pass as a one-row batch and their keys/values are handed to every batch through the
-model's own KV cache (``past_key_values``), so each batch runs only the part of its rows after the prefix::
+model's own KV cache (``cache``; ``past_key_values`` before transformers 5.25), so each batch runs only the part of
+its rows after the prefix::
 
     prefix (1 row, P tokens) ──KV──▶ batch rows [pad … | tokens after the prefix], position ids P, P+1, …
 
@@ -29,7 +30,7 @@ from torch import nn
 from .batching import (Batch, Row, choice_rows, continuation_rows, cut_batches, pad, prompt_rows, read_columns,
                        split_shared_prefix, trimmed)
 from .errors import C2IError
-from .models import decoder_layers, last_layer_positionwise, layer_root, supports_shared_prefix
+from .models import decoder_layers, kv_cache_kwarg, last_layer_positionwise, layer_root, supports_shared_prefix
 from .replay import PREFIX, PrefixCache, capture_layers, detach, replay_layers, replay_within, tail_only
 from .tasks import Example, majority_baseline
 
@@ -125,7 +126,7 @@ class Scorer:
         if prefix_kv is not None:        # the shared prefix's keys/values, the same for every row
             from transformers import DynamicCache
             n = b.input_ids.shape[0]
-            extra["past_key_values"] = DynamicCache(
+            extra[kv_cache_kwarg(self.model)] = DynamicCache(
                 [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix_kv], config=self.model.config)
         # as indices: the head then gets a contiguous (B, len(read), d) copy, which the same GEMM multiplies with or
         # without grad (a [-k:] slice is a strided view that autograd multiplies with a batched GEMM, so the
@@ -181,7 +182,7 @@ class Scorer:
             try:
                 self.model(input_ids=torch.tensor([self.prefix_ids], device=dev),
                            attention_mask=self._float_mask(causal), position_ids=torch.arange(p, device=dev)[None],
-                           past_key_values=kv, logits_to_keep=1, use_cache=True)
+                           logits_to_keep=1, use_cache=True, **{kv_cache_kwarg(self.model): kv})
             except StopForward:
                 pass
         layers = [(layer.keys, layer.values) for layer in kv.layers]

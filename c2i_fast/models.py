@@ -190,6 +190,13 @@ def supports_shared_prefix(model: nn.Module) -> bool:
     return all(t == "full_attention" for t in (getattr(text, "layer_types", None) or ["full_attention"]))
 
 
+def kv_cache_kwarg(model: nn.Module) -> str:
+    """The keyword ``model.forward`` takes its KV cache by: ``cache`` from transformers 5.25 on (which deprecates
+    ``past_key_values`` and drops it in 5.40), ``past_key_values`` before."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def last_layer_positionwise(model: nn.Module) -> list[str]:
     """Names of the last decoder layer's matrices whose output at a column is used at that column only (query,
     attention output, MLP) — in a causal LM, whose head reads a column's last hidden state alone, those are
