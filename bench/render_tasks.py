@@ -7,6 +7,7 @@ planned cell without a file (meta.json's tasks × methods) reads "not run yet", 
     python bench/render_tasks.py bench/results/tasks-smollm2 bench/results/tasks-qwen2.5-coder-1.5b
     python bench/render_tasks.py bench/results/tasks-smollm2 bench/results/tasks-qwen2.5-coder-1.5b \
         --into docs/results.md        # the tables in place, between their '<!-- render_tasks: … -->' markers
+    python bench/render_tasks.py bench/results/tasks-smollm2 --list-cells   # each cell's time and command
 
 Columns, all on the same held-out rows per task: accuracy with its 95% Wilson score interval; the majority-class
 rate on those rows; the paired difference with the base model (Δ, its normal 95% interval from the per-example
@@ -194,6 +195,22 @@ def render(folder: Path, meta: dict | None = None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def cell_lines(folder: Path) -> list[str]:
+    """One line per cell file: what it is, its wall time (or why it was skipped), commit, date and the command
+    that wrote it — the per-cell list a closing note gives."""
+    lines = []
+    for (task, method), cell in sorted(read_cells(folder).items()):
+        prov = cell.get("provenance") or {}
+        if cell.get("skipped"):
+            what = f"skipped: {cell['skipped']}"
+        else:
+            what = row(cell).split(" | ")[-2]          # the table's wall column, resumed runs said as there
+        cmd = prov.get("command") or "command not recorded"
+        lines.append(f"- {cell.get('model', folder.name)} · {task} · {method}: {what} · "
+                     f"{prov.get('commit', '?')} · {prov.get('date', '?')} · `{cmd}`")
+    return lines
+
+
 def fill(doc: str, folder: str, table: str) -> str:
     """``doc`` with the text between ``<!-- render_tasks: FOLDER -->`` and the next ``<!-- /render_tasks -->``
     replaced by ``table`` (its "### model" heading dropped: the document has its own)."""
@@ -211,7 +228,12 @@ def main(argv=None) -> int:
     ap.add_argument("folders", nargs="+", help="bench_tasks.py --out folders (one model each)")
     ap.add_argument("--into", metavar="DOC", help="write each table into DOC between its '<!-- render_tasks: "
                     "FOLDER -->' and '<!-- /render_tasks -->' lines (FOLDER as given here) instead of printing")
+    ap.add_argument("--list-cells", action="store_true",
+                    help="print one line per cell (wall time, commit, date, command) instead of the tables")
     args = ap.parse_args(argv)
+    if args.list_cells:
+        print("\n".join(line for f in args.folders for line in cell_lines(Path(f))))
+        return 0
     tables = {f: render(Path(f)) for f in args.folders}
     if args.into is None:
         print("\n".join(tables.values()))

@@ -149,6 +149,18 @@ def test_render_into_a_document_replaces_only_its_block(render, tmp_path):
     assert doc.read_text() == new
 
 
+def test_list_cells_gives_each_cell_its_time_and_command(render, tmp_path, capsys):
+    out = tmp_path / "tasks-smollm2"
+    _write(out, _cell("fever", "base", 0.5))
+    _write(out, {"model": "smollm2", "task": "fever", "method": "c2i", "skipped": "estimated 900 min > 600"})
+    assert render.main([str(out), "--list-cells"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "- smollm2 · fever · base: 12.3 s · abc1234 · 2026-12-01 12:00:00 UTC · "
+        "`python bench/bench_tasks.py --tasks fever`",
+        "- smollm2 · fever · c2i: skipped: estimated 900 min > 600 · ? · ? · `command not recorded`"]
+
+
 def test_render_plans_cells_of_a_folder_not_made_yet(bench, tmp_path, capsys):
     assert bench.main(["--render", "--out", str(tmp_path / "none"), "--model", "qwen2.5-coder-1.5b",
                        "--tasks", "fever,truthfulqa"]) == 0
