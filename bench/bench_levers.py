@@ -123,7 +123,7 @@ def run_variant(args, task: str, variant: str, lm, cache_dir: Path) -> dict:
         rep = adapt(AdaptConfig(model=args.model, task=task, out=str(work / "run"), prune=v.prune,
                                 metrics_cache=v.metrics_cache, scan_svd=v.scan_svd, search_dtype=v.search_dtype,
                                 threads=args.threads, seed=args.seed,
-                                test_size=args.test_size,
+                                test_size=args.test_size, scan_cache="off",   # each variant pays its scan
                                 progress=not args.quiet, **extra), lm=lm)
         return unit_from_report(rep, time.perf_counter() - t0)
     finally:

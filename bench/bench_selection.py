@@ -63,7 +63,8 @@ def run_unit(args, task: str, draw: int, lm=None) -> dict:
             model=args.model, task=task, out=str(work / "adapt"), samples=args.samples, test_size=args.test_size,
             top_k=args.top_k, max_evals=args.max_evals, draws=args.draws, only_draw=draw, seed=args.seed,
             rule="confirm", compare_rules=True, confirm_size=args.confirm_size, threads=args.threads,
-            prune=args.prune, search_dtype=args.search_dtype, progress=not args.quiet), lm=lm)
+            prune=args.prune, search_dtype=args.search_dtype, progress=not args.quiet,
+            scan_cache="off"), lm=lm)                    # each unit's search time includes its own scan
         unit = {
             "task": task, "draw": draw, "seconds": round(time.perf_counter() - t0, 1),
             "sizes": {k: rep["task"].get(k) for k in ("n_select", "n_confirm", "n_test")},

@@ -263,6 +263,8 @@ class Bench:
         plan = {"method": method, "sizes": sizes, "settings": self.settings(), "model": a.model, "task": task}
         work, earlier = self.attempts(task, method, plan)
         common["resume"] = (work / "run" / "journal.jsonl").is_file()
+        # a first run pays (and stores) its scan, so cells on the same rows are timed alike; a resumed one reads it
+        scan_cache = "on" if common["resume"] else "write"
         if not common["resume"]:
             shutil.rmtree(work / "run", ignore_errors=True)     # killed before its first candidate: start over
         # None when an earlier run's end is not known (a journal written before lines carried their time)
@@ -289,7 +291,8 @@ class Bench:
             # then also the confirm rule's, which bench/bench_exhaustive.py reads
             rule = dict(rule="paper", max_evals=0, keep_best=C2I_KEEP_BEST) if method == "c2i" else dict(
                 rule="confirm", max_evals=a.max_evals)
-            rep = adapt(AdaptConfig(out=str(work / "run"), draws=1, **grid, **rule, **common), lm=self.lm)
+            rep = adapt(AdaptConfig(out=str(work / "run"), draws=1, scan_cache=scan_cache, **grid, **rule, **common),
+                        lm=self.lm)
             shipped, reason = rep["decision"]["shipped"], rep["decision"]["reason"]
             extra = {"rule": rule["rule"], "max_evals": rule["max_evals"]}
             if method == "c2i_fast":

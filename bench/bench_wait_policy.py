@@ -29,7 +29,7 @@ import json, sys, time
 t = time.perf_counter()
 from c2i_fast.pipeline import AdaptConfig, adapt
 rep = adapt(AdaptConfig(model="smollm2", task="counterfact", out=sys.argv[1], samples=100, max_evals=2, test_size=50,
-                        confirm_size=50, threads=2, progress=False, metrics_cache=False))
+                        confirm_size=50, threads=2, progress=False, metrics_cache=False, scan_cache="off"))
 print(json.dumps({"seconds": round(time.perf_counter() - t, 1), "timings": rep["timings"]}))
 """
 NEIGHBOUR = """

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and a full SVD for the matrices that reach the top-K; 'gram': every score from the "
                         "eigendecomposition of the smaller Gram matrix WWᵀ or WᵀW (the full SVD's scores up to "
                         "round-off; the default), a full SVD only for the best 2 × --top-k")
+    a.add_argument("--no-scan-cache", dest="scan_cache", action="store_const", const="off", default="on",
+                   help="do not read or write the scan cache ($C2I_CACHE/scan: a second run on the same selection "
+                        "rows, or a --resume, skips the gradient pass and the SVDs; the same bits as a fresh scan)")
     a.add_argument("--search-dtype", choices=["model", "bfloat16"], default="model",
                    help="the selection passes of the base and the candidates: 'bfloat16' runs their matmuls "
                         "in bf16 (autocast; the LM head at full precision; about twice as fast on CPUs with "
@@ -243,7 +246,7 @@ def _run(args) -> int:
             device_map=args.device_map, gradient_checkpointing=args.gradient_checkpointing, gate_p=args.gate_p,
             rule=args.rule, confirm_size=args.confirm_size, confirm_top=args.confirm_top, alpha=args.alpha,
             compare_rules=args.compare_rules, prune=args.prune, scan_svd=args.scan_svd,
-            search_dtype=args.search_dtype)
+            search_dtype=args.search_dtype, scan_cache=args.scan_cache)
         rep = pipeline.adapt(cfg)
         _finish(rep, cfg.out, args.no_report)
     elif args.command == "laser":

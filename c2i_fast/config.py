@@ -75,6 +75,9 @@ class AdaptConfig(RunConfig):
     # "exact" (the same plans and top candidates as "off"), "race" / "halve" (fewer passes, not always the same
     # plan) or "off" (every candidate scored on every row).
     prune: str = "exact"
+    # The scan from the scan cache (c2i_fast.scan_cache; exact): "on" reads and writes, "write" computes and
+    # stores (a bench's first run, whose timings must include its scan), "off" neither.
+    scan_cache: str = "on"
     # bench: keep at least this many of the best exact under pruning (default: those the rule reads). The results
     # table's C2I cell keeps confirm_top, so its every-candidate ranking also serves the confirm rule
     # (bench/bench_exhaustive.py).

@@ -131,6 +131,7 @@ def adapt_loaded(model: nn.Module, tokenizer, train, *, test=None, out: str | os
         if bad in options:
             raise C2IError(f"adapt(model, tokenizer, train, …): {bad!r} is given by the arguments, not an option")
     options.setdefault("metrics_cache", out is not None)     # nothing written unless asked
+    options.setdefault("scan_cache", "on" if out is not None else "off")
     task = as_task(train, name or "user", kind, options.get("data_dir"))
     held = None if test is None else as_task(test, (name or "user") + "-test", kind or task.kind).examples
     model_id = name or getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__

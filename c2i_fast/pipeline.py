@@ -33,6 +33,7 @@ from .confirm import MIN_CONFIRM_ROWS, RULES, changed_fraction, decide
 from .config import AdaptConfig, EvalConfig, LaserConfig, RunConfig  # noqa: F401  (part of this API)
 from .report_data import SCHEMA     # the report.json layout build_report writes (report.py reads it)
 from .scan import SCAN_SVDS, scan
+from .scan_cache import MODES as SCAN_CACHE_MODES, ScanCache, scan_key
 from .svd import remembered_svds
 from .precision import lowers_precision, search_dtype, search_precision
 from .search import (PRUNE_MODES, Candidate, build_candidates, candidate_factors, prune_keep, prune_mode, rank,
@@ -332,6 +333,8 @@ def adapt(cfg: AdaptConfig, *, lm=None, task=None, test=None) -> dict:
     search_dtype(cfg.search_dtype)
     if cfg.scan_svd not in SCAN_SVDS:
         raise C2IError(f"--scan-svd {cfg.scan_svd!r}: choose one of {', '.join(SCAN_SVDS)}")
+    if cfg.scan_cache not in SCAN_CACHE_MODES:
+        raise C2IError(f"scan_cache={cfg.scan_cache!r}: choose one of {', '.join(SCAN_CACHE_MODES)}")
     distributed.init()
     out = Path(cfg.out)
     if out.exists() and not cfg.resume and any(out.iterdir()):
@@ -400,8 +403,7 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict,
     sel = _scorer(lm, task, splits["select"], cfg)
     # layer inputs kept for the search; the scan's forward fills it when it can (then it is the base evaluation)
     cache = PrefixCache() if task.kind != "generation" and not cfg.dense_candidates else None
-    sc = scan(sel, refs, list(cfg.rank_fractions), cfg.top_k, cfg.loss, cfg.score, cfg.progress,
-              checkpointing=cfg.gradient_checkpointing, cache=cache, svd=cfg.scan_svd)
+    sc, scan_cached = _scan(cfg, sel, refs, cache, mc)
     timings.update({"scan_gradient": sc.seconds["gradient"], "scan_svd": sc.seconds["svd"]})
     top = sc.top(cfg.top_k)
     _log(cfg, "[c2i] top matrices: " + ", ".join(f"{m.name} ({m.score:+.3f})" for m in top), "scan",
@@ -472,7 +474,7 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict,
         cfg, task, {"n_select": len(splits["select"]), "n_test": len(splits["test"]), "draw": draw,
                     "n_confirm": len(splits["confirm"])}, plan,
         scan={"loss": sc.loss, "loss_kind": sc.loss_kind, "score_kind": sc.score_kind, "skipped": sc.skipped,
-              "svds": sc.svds, "matrices": [m.summary() for m in sc.matrices]},
+              "svds": sc.svds, "cache": scan_cached, "matrices": [m.summary() for m in sc.matrices]},
         search={"n_candidates": len(cands), "n_evaluated": len(res.evaluated), "n_same_factors": n_same,
                 "rank_correlation_predicted_vs_measured": res.rank_correlation, "significance": sig,
                 "dtype": cfg.search_dtype if lowered else str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -482,6 +484,28 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict,
         selection={"base": _strip(base_sel), "adapted": _strip(final)}, test=test,
         forward_passes=_passes(res.forward_layer_passes, n_layers, gradient_pass_rows=sel.forward_rows),
         accounting=spent, **extra)
+
+
+def _scan(cfg: AdaptConfig, sel, refs, cache: PrefixCache | None, mc: MetricsCache | None):
+    """The scan of ``sel``'s rows, from the scan cache (c2i_fast.scan_cache) when it holds it, and whether it
+    did: "hit", "miss" (computed, and stored unless the mode is "off") or "off". Under torchrun every rank
+    computes its share, so the cache is off there."""
+    mode = cfg.scan_cache if distributed.size() == 1 else "off"
+    args = (list(cfg.rank_fractions), cfg.top_k, cfg.loss, cfg.score)
+    if mode == "off":
+        return scan(sel, refs, *args, cfg.progress, checkpointing=cfg.gradient_checkpointing, cache=cache,
+                    svd=cfg.scan_svd), "off"
+    sccache = ScanCache(mode)
+    key = scan_key(mc if mc is not None else MetricsCache(sel.model, enabled=False), sel, refs, *args,
+                   cfg.scan_svd, cfg.gradient_checkpointing)
+    sc = sccache.get(key)
+    if sc is not None:
+        _log(cfg, "[c2i] scan read from the scan cache (no gradient pass, no SVDs)", "scan_cache", hit=True)
+        return sc, "hit"
+    sc = scan(sel, refs, *args, cfg.progress, checkpointing=cfg.gradient_checkpointing, cache=cache,
+              svd=cfg.scan_svd)
+    sccache.put(key, sc)
+    return sc, "miss"
 
 
 def _decide(cfg: AdaptConfig, lm, task, confirm_rows, res, base_sel: dict, sig: dict | None,

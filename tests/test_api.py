@@ -85,7 +85,8 @@ OWN = {
                     "gradient_checkpointing": False, "gate_p": None,
                     # added since: the shipping rule, bench hooks, pruning and the scan's SVD
                     "rule": "confirm", "confirm_size": 200, "confirm_top": 3, "alpha": 0.05, "compare_rules": False,
-                    "only_draw": None, "prune": "exact", "keep_best": 0, "scan_svd": "gram", "search_dtype": "model"},
+                    "only_draw": None, "prune": "exact", "keep_best": 0, "scan_svd": "gram", "search_dtype": "model",
+                    "scan_cache": "on"},
     "LaserConfig": {"val_size": 100, "rank_fractions": (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01),
                     "types": ("mlp_in", "mlp_out"), "layers": None, "faithful": False, "resume": False,
                     "draw": 0, "draws": 1, "prune": "off"},
