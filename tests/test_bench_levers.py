@@ -58,6 +58,15 @@ def test_warm_variants_follow_a_filled_cache_and_units_resume(levers, tmp_path, 
     calls.clear()
     assert levers.main(["--tasks", "fever", "--variants", "none,exact,race", "--out", str(out)]) == 0
     assert calls == []                                                        # everything present: nothing run
+    # a rerun at the defaults follows the defaults' own run, which stores its scan; run alone, it makes that run first
+    calls.clear()
+    assert levers.main(["--tasks", "fever", "--variants", "defaults,second", "--out", str(out)]) == 0
+    assert calls == [("fever", "defaults", "fever"), ("fever", "second", "fever")]
+    (out / "fever" / "second.json").unlink()
+    calls.clear()
+    assert levers.main(["--tasks", "fever", "--variants", "second", "--out", str(out)]) == 0
+    assert calls == [("fever", "defaults", "fever"), ("fever", "second", "fever")]
+    assert levers.VARIANTS["defaults"].scan_cache == "write" and levers.VARIANTS["second"].scan_cache == "on"
 
 
 def test_the_table_compares_each_variant_with_none(levers, tmp_path, capsys):
