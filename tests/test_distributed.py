@@ -18,7 +18,8 @@ ARGS = ["adapt", "--model", "smollm2", "--task", "fever", "--samples", "12", "--
 def _same(rep):
     cands = [{k: v for k, v in c.items() if k != "seconds"} for c in rep["search"]["candidates"]]
     return {"plan": rep["plan"], "selection": rep["selection"], "test": rep["test"], "candidates": cands,
-            "scan": rep["scan"], "passes": rep["forward_passes"]}
+            # the scan cache is off under torchrun: whether the one-process run read its scan is not compared
+            "scan": {k: v for k, v in rep["scan"].items() if k != "cache"}, "passes": rep["forward_passes"]}
 
 
 def _journal(run):
