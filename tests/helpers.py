@@ -5,6 +5,7 @@
     import_bench(stem)    bench/<stem>.py as a module (bench/ is not a package)
     assert_close(...)     relative error against a float64 reference, and no NaN/Inf in the output
     assert_finite(t)      no NaN/Inf
+    tiny_llama()          a seeded random 2-layer Llama (hidden 32, 4 heads, 2 kv heads): mechanics and shapes only
 """
 from __future__ import annotations
 
@@ -78,3 +79,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, *, na
     err = num / (den if den > 0 else 1.0)
     assert err <= rel, f"{label}relative error {err:.3g} > {rel:g}"
     return err
+
+
+def tiny_llama(seed: int = 0):
+    """A seeded random 2-layer Llama in eval mode (vocab 64, hidden 32, MLP 48, 4 heads, 2 kv heads): for
+    mechanics and shapes, never for accuracy."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -12,10 +13,7 @@ def bench(import_bench):
 
 
 def test_bf16_weights_mode_puts_the_fp32_tensors_back(bench):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)        # a tiny random Llama: mechanics only
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = tiny_llama()
     before = [(p.data_ptr(), p.clone()) for p in model.parameters()]
     with pytest.raises(RuntimeError, match="inside"):
         with bench.precision("bf16-weights", model):
