@@ -137,6 +137,15 @@ def planned(meta: dict, cells: dict) -> list[tuple[str, str]]:
     return [(t, m) for t in tasks for m in methods]
 
 
+def coverage(meta: dict, cells: dict) -> str:
+    """One line: how many of the planned cells hold a measurement, say why they were skipped, or are not run."""
+    plan = planned(meta, cells)
+    measured = sum(1 for k in plan if k in cells and not cells[k].get("skipped"))
+    skipped = sum(1 for k in plan if k in cells and cells[k].get("skipped"))
+    return (f"Cells: {measured} measured, {skipped} skipped with their reason, {len(plan) - measured - skipped} "
+            f"not run yet, of {len(plan)}.")
+
+
 def notes(meta: dict, cells: dict) -> list[str]:
     """What sits under a table: fitted split sizes, base-accuracy mismatches, the commands and provenance."""
     out = []
@@ -191,7 +200,7 @@ def render(folder: Path, meta: dict | None = None) -> str:
         cell = cells.get((task, method))
         lines.append(row(cell) if cell is not None else f"| {task} | {method} | — | {NOT_RUN} |" + " — |" * 9)
     lines.append("")
-    lines += [n + "  " for n in notes(meta, cells)]
+    lines += [n + "  " for n in [coverage(meta, cells)] + notes(meta, cells)]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -118,6 +118,7 @@ def test_renderer_table_from_hand_made_cells(render, tmp_path):
     assert "none: base kept" in rows["fever", "c2i"] and "100 / 200\\*" in rows["fever", "c2i"]
     assert "skipped: estimated 900 min > 600" in rows["fever", "laser"]
     assert all("not run yet" in rows["bias_in_bios_profession", m] for m in render.METHODS)
+    assert "Cells: 3 measured, 1 skipped with their reason, 4 not run yet, of 8." in md
     assert "\\* fever: made up: fewer rows" in md
     assert "Command: `python bench/bench_tasks.py --model smollm2 --tasks fever --out X`" in md
     assert "AMD EPYC (1 thread)" in md and "torch 2.13.0" in md and "abc1234" in md and "2026-12-01" in md
@@ -165,7 +166,8 @@ def test_render_plans_cells_of_a_folder_not_made_yet(bench, tmp_path, capsys):
     assert bench.main(["--render", "--out", str(tmp_path / "none"), "--model", "qwen2.5-coder-1.5b",
                        "--tasks", "fever,truthfulqa"]) == 0
     md = capsys.readouterr().out
-    assert "### qwen2.5-coder-1.5b" in md and md.count("not run yet") == 8
+    assert "### qwen2.5-coder-1.5b" in md and md.count("| not run yet |") == 8
+    assert "Cells: 0 measured, 0 skipped with their reason, 8 not run yet, of 8." in md
 
 
 def test_every_cell_present_runs_nothing(bench, tmp_path, monkeypatch, capsys):
