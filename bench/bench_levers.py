@@ -24,7 +24,11 @@ every variant pays its own scan (no SVD is shared between variants):
   bf16 matmuls; scan, confirmation and held-out in fp32);
 - ``second``: a second ``c2i adapt`` at the defaults on the same rows, after ``defaults`` filled the metrics and
   scan caches (a user's rerun with another option, or a ``--resume``): the scan and the base passes are read.
-  ``defaults`` stores its scan for it (writing it is part of that unit's time).
+  ``defaults`` stores its scan for it (writing it is part of that unit's time);
+- ``fastest``: every opt-in speed lever at once on a first run, ``--prune halve --search-dtype bfloat16`` with
+  the Gram scan and a cold metrics cache: what a user who accepts another near-tied edit can have today. Run it
+  in its own invocation (``--variants fastest``): a "cold" variant after another in the same process reads the
+  caches that one filled.
 
 Every variant but ``gram`` and ``fast`` runs ``--scan-svd full`` (the default before ``gram``), so the units
 of earlier commits stay comparable.
@@ -90,6 +94,8 @@ VARIANTS = {
     "defaults": Variant("exact", True, "cold", None, "gram", scan_cache="write"),
     "bf16": Variant("exact", True, "cold", None, "gram", "bfloat16"),     # the defaults, search in bf16
     "second": Variant("exact", True, "warm", None, "gram", scan_cache="on"),   # the defaults, run again
+    # every opt-in speed lever at once, on a first run: halving and the bf16 search (neither exact)
+    "fastest": Variant("halve", True, "cold", None, "gram", "bfloat16"),
 }
 WARMED_BY = {"second": "defaults"}      # the variant whose run fills the caches (default: "exact")
 PHASES = ("scan_gradient", "scan_svd", "candidates", "select_base", "search", "confirm", "test_base",

@@ -67,6 +67,9 @@ def test_warm_variants_follow_a_filled_cache_and_units_resume(levers, tmp_path, 
     assert levers.main(["--tasks", "fever", "--variants", "second", "--out", str(out)]) == 0
     assert calls == [("fever", "defaults", "fever"), ("fever", "second", "fever")]
     assert levers.VARIANTS["defaults"].scan_cache == "write" and levers.VARIANTS["second"].scan_cache == "on"
+    fastest = levers.VARIANTS["fastest"]
+    assert (fastest.prune, fastest.search_dtype, fastest.scan_svd, fastest.cache_state) == \
+        ("halve", "bfloat16", "gram", "cold")
 
 
 def test_the_table_compares_each_variant_with_none(levers, tmp_path, capsys):
