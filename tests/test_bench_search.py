@@ -34,3 +34,10 @@ def test_batching_bench_layouts_agree_and_shrink(import_bench, smollm2, data_dir
     assert rows[0]["shared_prefix_tokens"] == 0 and rows[1]["shared_prefix_tokens"] >= 8
     assert rows[0]["padded_tokens"] > rows[1]["padded_tokens"] >= rows[2]["padded_tokens"]
     assert len({r["accuracy"] for r in rows}) == 1
+
+
+def test_speed_goals_are_the_speed_issues(bench):
+    ratios = {"c_vs_laser_faithful_speedup": 619.0, "c_vs_laser_batched_speedup": 298.0,
+              "c_vs_paper_faithful_speedup": 10.0}
+    assert bench.speed_goals_met(ratios) == {"c_vs_laser_faithful_speedup": False,
+                                             "c_vs_laser_batched_speedup": True, "c_vs_paper_faithful_speedup": True}
