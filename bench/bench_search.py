@@ -48,6 +48,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from _common import git_commit  # noqa: E402
 from c2i_fast.evaluate import Scorer  # noqa: E402
 from c2i_fast.io import device_name, versions  # noqa: E402
 from c2i_fast.models import RANDOM_PREFIX  # noqa: E402
@@ -162,7 +163,8 @@ def run(args) -> dict:
     return {"device": device_name(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "load_average_start": load0, "load_average_end": load_end,
             "bench_seconds": time.perf_counter() - t_bench - pieces.get("waited_for_laser_report_seconds", 0.0),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "args": vars(args),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "commit": git_commit(),
+            "args": vars(args),
             "rows": rows, "pieces": pieces, "goals": goals}
 
 
