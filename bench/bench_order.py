@@ -28,11 +28,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from _common import REPO, git_commit
 from c2i_fast.io import atomic_write_text
+from c2i_fast.search import DEFAULT_RANK_FRACTIONS as RHOS
+from c2i_fast.search import interleave as search_interleave
 
-RHOS = (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01)
 MARGINS = (0.0, 0.02, 0.03, 0.05, 0.08)
 MINIMA = (1, 2, 3)
 DEFAULT_REPORTS = ("bench/results/tasks-*/*/reports/c2i_fast.json",)
@@ -43,14 +45,11 @@ def key(c: dict) -> str:
 
 
 def interleave(cands: list[dict]) -> list[dict]:
-    """:func:`c2i_fast.search.interleave` on report rows: best ΔL̂ first within a matrix, matrices round-robin."""
-    per: dict[str, list[dict]] = {}
-    for c in sorted(cands, key=lambda c: (c["predicted_delta"], key(c))):
-        per.setdefault(c["matrix"], []).append(c)
-    queues, out = list(per.values()), []
-    for i in range(max((len(q) for q in queues), default=0)):
-        out.extend(q[i] for q in queues if i < len(q))
-    return out
+    """The search's own order (:func:`c2i_fast.search.interleave`) on report rows, each seen through the three
+    things that order reads: its ΔL̂, its key and its matrix."""
+    views = [SimpleNamespace(row=c, predicted=c["predicted_delta"], key=lambda c=c: key(c),
+                             edit=SimpleNamespace(matrix=c["matrix"])) for c in cands]
+    return [v.row for v in search_interleave(views)]
 
 
 def scored(c: dict) -> bool:
