@@ -63,7 +63,7 @@ def run_unit(args, task: str, draw: int, lm=None) -> dict:
             model=args.model, task=task, out=str(work / "adapt"), samples=args.samples, test_size=args.test_size,
             top_k=args.top_k, max_evals=args.max_evals, draws=args.draws, only_draw=draw, seed=args.seed,
             rule="confirm", compare_rules=True, confirm_size=args.confirm_size, threads=args.threads,
-            prune=args.prune, search_dtype=args.search_dtype, progress=not args.quiet,
+            prune=args.prune, search_dtype=args.search_dtype, loss=args.loss, progress=not args.quiet,
             scan_cache="off"), lm=lm)                    # each unit's search time includes its own scan
         unit = {
             "task": task, "draw": draw, "seconds": round(time.perf_counter() - t0, 1),
@@ -157,12 +157,25 @@ def _edits(plans: list[dict]) -> list[tuple]:
     return [(e["matrix"], e["rank_fraction"], e["n_clusters"], e["method"]) for e in plans]
 
 
+def confirmation_net(unit: dict) -> int:
+    """Fixed − broken on the confirmation rows of the edit the confirm rule shipped; 0 when it kept the base.
+    Selection and confirmation rows only: a comparison of two settings by this never looks at held-out rows."""
+    d = unit["decision"]
+    if not d.get("shipped") or d.get("chosen") is None:
+        return 0
+    paired = d["confirmed"][d["chosen"]].get("paired") or {}
+    return int(paired.get("fixed", 0)) - int(paired.get("broken", 0))
+
+
 def compare(out: Path, other: Path) -> str:
     """Markdown: every (task, draw) finished in both folders (e.g. ``--prune halve`` against the default), side
-    by side: search seconds and row-passes, whether the candidates confirmed, each rule's plan and its held-out Δ
-    are the same."""
-    rows = ["| task | draw | search s | row-passes | same confirmed | confirm plan same | confirm held-out Δ "
-            "(pts) | paper plan same | paper held-out Δ (pts) |", "|---|---|---|---|---|---|---|---|---|"]
+    by side: search seconds and row-passes, whether the candidates confirmed, the shipped edit's net fixes on the
+    confirmation rows, each rule's plan and its held-out Δ are the same; then the totals of shipped units and of
+    confirmation-row net fixes per folder."""
+    rows = ["| task | draw | search s | row-passes | same confirmed | confirmation net | confirm plan same | "
+            "confirm held-out Δ (pts) | paper plan same | paper held-out Δ (pts) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    totals = {"other": [0, 0], "this": [0, 0]}          # [units shipped, confirmation-row net fixes]
 
     def pts(x):
         return "–" if x is None else ("0" if x == 0 else f"{100 * x:+.1f}")
@@ -173,14 +186,21 @@ def compare(out: Path, other: Path) -> str:
         a, b = json.loads(g.read_text()), json.loads(f.read_text())        # a: the other folder, b: this one
         passes = [(u.get("search") or {}).get("row_passes") for u in (a, b)]
         same_conf = _edits(a["decision"]["confirmed"]) == _edits(b["decision"]["confirmed"])
+        nets = [confirmation_net(u) for u in (a, b)]
+        for key, u, net in (("other", a, nets[0]), ("this", b, nets[1])):
+            totals[key][0] += bool(u["decision"].get("shipped"))
+            totals[key][1] += net
         cells = [f"{a['timings']['search']:.0f} → {b['timings']['search']:.0f}",
-                 " → ".join("–" if p is None else str(p) for p in passes), "yes" if same_conf else "**no**"]
+                 " → ".join("–" if p is None else str(p) for p in passes), "yes" if same_conf else "**no**",
+                 f"{nets[0]:+d} → {nets[1]:+d}"]
         for rule in ("confirm", "paper"):
             ra, rb = a["rules"][rule], b["rules"][rule]
             same = _edits(ra["plan"]) == _edits(rb["plan"])
             cells += ["yes" if same else "**no**",
                       f"{pts(ra['held_out']['difference'])} → {pts(rb['held_out']['difference'])}"]
         rows.append(f"| {b['task']} | {b['draw']} | " + " | ".join(cells) + " |")
+    rows.append(f"\nShipped by the confirm rule: {totals['other'][0]} → {totals['this'][0]} units; confirmation-row "
+                f"net fixes of the shipped edits: {totals['other'][1]:+d} → {totals['this'][1]:+d} ({other} → {out}).")
     return "\n".join(rows)
 
 
@@ -200,6 +220,8 @@ def main(argv=None) -> int:
                     help="the search's pruning (c2i adapt --prune); compare rules' held-out numbers across folders")
     ap.add_argument("--search-dtype", default="model", choices=SEARCH_DTYPES,
                     help="the search's precision (c2i adapt --search-dtype)")
+    ap.add_argument("--loss", default="answer", choices=["answer", "choice"],
+                    help="the scan's loss (c2i adapt --loss)")
     ap.add_argument("--laser-layers", help="also LASER in the same harness on these layers, e.g. 17-27")
     ap.add_argument("--laser-tasks", help="LASER on these tasks only (default: every task)")
     ap.add_argument("--out", required=True, help="folder of unit JSONs (created)")
@@ -215,12 +237,13 @@ def main(argv=None) -> int:
                                                                                               if argv is None else argv),
                 "settings": {k: getattr(args, k) for k in ("samples", "confirm_size", "test_size", "top_k",
                                                            "max_evals", "seed", "draws", "laser_layers",
-                                                           "laser_tasks", "prune", "search_dtype")}}
+                                                           "laser_tasks", "prune", "search_dtype", "loss")}}
         meta_path = out / "meta.json"
         if meta_path.is_file():
             old = json.loads(meta_path.read_text())
-            # folders written before --prune / --search-dtype existed ran the defaults
-            if ({"prune": "exact", "search_dtype": "model", **old.get("settings", {})} != meta["settings"]
+            # folders written before --prune / --search-dtype / --loss existed ran the defaults
+            if ({"prune": "exact", "search_dtype": "model", "loss": "answer", **old.get("settings", {})}
+                    != meta["settings"]
                     or old.get("model") != args.model):
                 print(f"bench_selection: {out} holds units made with other settings ({old.get('settings')}); "
                       f"use another --out", file=sys.stderr)

@@ -81,10 +81,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, *, na
     return err
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, **config):
     """A seeded random 2-layer Llama in eval mode (vocab 64, hidden 32, MLP 48, 4 heads, 2 kv heads): for
-    mechanics and shapes, never for accuracy."""
+    mechanics and shapes, never for accuracy. ``config`` overrides or adds LlamaConfig fields."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    fields = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **config})).eval()

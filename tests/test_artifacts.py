@@ -12,7 +12,8 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from c2i_fast.artifacts import (ADAPTED_FILE, PLAN_FILE, accounting, export_dense, fingerprint, load_adapted,
@@ -32,10 +33,7 @@ def _logits(model, ids=IDS):
 
 @pytest.fixture
 def llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tie_word_embeddings=True)
 
 
 @pytest.fixture

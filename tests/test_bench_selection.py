@@ -60,9 +60,22 @@ def test_against_compares_draw_by_draw(folder, tmp_path, import_bench, capsys):
     (other / "fever").mkdir(parents=True)
     u = _unit("fever", 0, 0.04, 30, 10, True)
     u.update(timings={"search": 30.0}, search={"row_passes": 6000})
-    u["decision"]["confirmed"][0]["rank_fraction"] = 0.1
+    u["decision"]["confirmed"][0].update(rank_fraction=0.1, paired={"fixed": 25, "broken": 9})
+    u["decision"].update(shipped=True, chosen=0)
     u["rules"]["paper"]["plan"] = [{**u["decision"]["confirmed"][0]}]
     (other / "fever" / "draw0.json").write_text(json.dumps(u))
     assert bs.main(["--out", str(other), "--summary", "--against", str(folder)]) == 0
-    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| fever | 0 |")]
-    assert rows == ["| fever | 0 | 90 → 30 | 17000 → 6000 | **no** | yes | +4.0 → +4.0 | **no** | -2.0 → -2.0 |"]
+    out = capsys.readouterr().out
+    rows = [r for r in out.splitlines() if r.startswith("| fever | 0 |")]
+    assert rows == ["| fever | 0 | 90 → 30 | 17000 → 6000 | **no** | +0 → +16 | yes | +4.0 → +4.0 | **no** | "
+                    "-2.0 → -2.0 |"]
+    # the older folder's draw 0 kept the base as far as its decision says (no "shipped"): 0 units, +0
+    assert "Shipped by the confirm rule: 0 → 1 units; confirmation-row net fixes of the shipped edits: +0 → +16" in out
+
+
+def test_loss_is_a_setting_of_the_folder(folder, import_bench, capsys):
+    """A folder made before --loss existed ran the answer loss: --loss choice is refused there."""
+    bs = import_bench("bench_selection")
+    assert bs.main(["--tasks", "fever", "--draws", "2", "--loss", "choice", "--out", str(folder)]) == 2
+    assert "use another --out" in capsys.readouterr().err
+    assert bs.main(["--tasks", "fever", "--draws", "2", "--loss", "answer", "--out", str(folder), "--quiet"]) == 0

@@ -6,19 +6,12 @@ import pytest
 import torch
 
 from c2i_fast.errors import C2IError
+from helpers import tiny_llama
 from c2i_fast.precision import lowers_precision, search_dtype, search_precision
 
 
-def _tiny_llama():
-    """A tiny random Llama: mechanics only (no real weights needed to check what is cast and put back)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2)).eval()
-
-
 def test_matmuls_run_in_bf16_inside_the_head_in_fp32_and_nothing_changes():
-    model = _tiny_llama()
+    model = tiny_llama()
     before = {n: (p.data_ptr(), p._version, p.clone()) for n, p in model.named_parameters()}
     x = torch.randint(0, 64, (2, 5))
     with torch.no_grad():
@@ -41,7 +34,7 @@ def test_matmuls_run_in_bf16_inside_the_head_in_fp32_and_nothing_changes():
 
 
 def test_put_back_when_the_block_raises_and_model_means_no_autocast():
-    model = _tiny_llama()
+    model = tiny_llama()
     wrapper = model.lm_head.forward                  # an instance forward (as accelerate's hooks set) survives
     model.lm_head.forward = wrapper
     with pytest.raises(RuntimeError, match="boom"):

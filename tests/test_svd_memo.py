@@ -9,6 +9,7 @@ import torch
 
 import c2i_fast.svd as svd_mod
 from c2i_fast.svd import full_svd, remembered_svds, weight_gram_eigh, weight_svd
+from helpers import tiny_llama
 
 
 @pytest.fixture(autouse=True)
@@ -121,16 +122,12 @@ def test_gram_eigh_is_remembered_and_is_the_squared_singular_values(monkeypatch,
     assert torch.allclose(lam, s64 ** 2, rtol=1e-4, atol=1e-5)
 
 
-def _tiny_llama():
+def _tiny_llama_scorers():
     """A tiny random Llama (mechanics only), its target matrices, and a factory of Scorers on 6 yes/no rows."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from c2i_fast.evaluate import Scorer
     from c2i_fast.models import target_matrices
     from c2i_fast.tasks import Example
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = tiny_llama()
 
     class Tok:
         pad_token_id, eos_token_id, bos_token_id = 0, 1, None
@@ -148,7 +145,7 @@ def test_a_second_scan_of_the_model_decomposes_nothing(monkeypatch, mode):
     """Two scans of a tiny random Llama (mechanics only): the same scores bit for bit, each weight's SVD (full
     scan) or Gram eigendecomposition (Gram scan, the default) computed once."""
     from c2i_fast.scan import scan
-    model, refs, scorer = _tiny_llama()
+    model, refs, scorer = _tiny_llama_scorers()
     calls = _counting(monkeypatch) if mode == "full" else _counting_eigh(monkeypatch)
     with remembered_svds():
         first = scan(scorer(), refs, [0.5, 0.1], 2, progress=False, svd=mode)
