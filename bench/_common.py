@@ -7,7 +7,9 @@ import importlib
 import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = "c2i_fast.kernels"
@@ -30,6 +32,20 @@ def load_kernels():
     sys.modules[KERNELS] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def best_of(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
+    """Call ``fn`` once to warm up (caches, allocator, thread pool), then ``repeats`` timed times: the warm-up's
+    return value and the fastest call's seconds (the least disturbed by the rest of the machine)."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: at least one timed call")
+    result = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return result, best
 
 
 @functools.lru_cache(maxsize=None)

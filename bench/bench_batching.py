@@ -17,12 +17,14 @@ import argparse
 import json
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from _common import best_of  # noqa: E402
 from c2i_fast.evaluate import Scorer  # noqa: E402
 from c2i_fast.models import load_model  # noqa: E402
 from c2i_fast.io import device_name, versions  # noqa: E402
@@ -39,15 +41,10 @@ def measure(lm, task_name: str, samples: int, seed: int, repeats: int) -> list[d
     for name, share, overhead in LAYOUTS:
         sc = Scorer(lm.model, lm.tokenizer, rows, task.kind, share_prefix=share, batch_overhead=overhead)
         with torch.no_grad():
-            res = sc.evaluate(generate=False)              # warm-up
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                sc.evaluate(generate=False)
-                times.append(time.perf_counter() - t)
+            res, seconds = best_of(partial(sc.evaluate, generate=False), repeats)
         out.append({"layout": name, "shared_prefix_tokens": len(sc.prefix_ids), "batches": len(sc.batches),
                     "padded_tokens": sum(b.input_ids.numel() for b in sc.batches),
-                    "real_tokens": sum(len(r.ids) for r in sc.rows), "seconds": min(times),
+                    "real_tokens": sum(len(r.ids) for r in sc.rows), "seconds": seconds,
                     "log_loss": res["log_loss"], "accuracy": res["accuracy"]})
     base = out[0]
     for r in out:

@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import git_commit  # noqa: E402
+from _common import best_of, git_commit  # noqa: E402
 from c2i_fast.evaluate import Scorer  # noqa: E402
 from c2i_fast.io import atomic_write_text, device_name, versions  # noqa: E402
 from c2i_fast.models import decoder_layers, load_model  # noqa: E402
@@ -60,12 +60,7 @@ def flops_per_token_layer(model: nn.Module, attended: float) -> float:
 def matmul_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
     """Best-of-``repeats`` fp32 GFLOP/s of [m, k] × [k, n] (after one warm-up)."""
     a, b = torch.randn(m, k), torch.randn(k, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
+    _, best = best_of(lambda: torch.mm(a, b), repeats)
     return 2.0 * m * k * n / best / 1e9
 
 
@@ -75,12 +70,7 @@ def forward(lm, task_name: str, samples: int, seed: int, repeats: int) -> dict:
     rows = split(task, samples, 1, seed=seed)["select"]
     sc = Scorer(lm.model, lm.tokenizer, rows, task.kind)
     with torch.no_grad():
-        sc.evaluate(generate=False)                       # warm-up
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            sc.evaluate(generate=False)
-            times.append(time.perf_counter() - t)
+        _, seconds = best_of(lambda: sc.evaluate(generate=False), repeats)
     padded = sum(b.input_ids.numel() for b in sc.batches)
     # the mean attended length: a left-padded batch of width w attends (w + 1) / 2 keys per token, after the
     # shared prefix's keys
@@ -88,7 +78,6 @@ def forward(lm, task_name: str, samples: int, seed: int, repeats: int) -> dict:
                    for b in sc.batches) / padded
     n_layers = len(decoder_layers(lm.model))
     per_token = flops_per_token_layer(lm.model, attended)
-    seconds = min(times)
     return {"rows": len(rows), "batches": len(sc.batches), "padded_tokens": padded,
             "tokens_per_row": padded / len(rows), "largest_batch_tokens": max(b.input_ids.numel() for b in sc.batches),
             "shared_prefix_tokens": len(sc.prefix_ids), "attended": attended, "layers": n_layers,

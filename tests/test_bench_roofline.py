@@ -39,3 +39,22 @@ def test_a_file_that_is_not_a_levers_unit_is_refused(bench, tmp_path):
         bench.main(["--unit", str(bad)])
     with pytest.raises(SystemExit, match="no such file"):
         bench.main(["--unit", str(tmp_path / "missing.json")])
+
+
+def test_best_of_returns_the_warm_up_result_and_the_fastest_timed_call(bench):
+    """bench/_common.best_of (the timing loop bench_roofline and bench_batching share): one untimed warm-up whose
+    value comes back, then ``repeats`` timed calls of which the fastest counts."""
+    import time
+
+    from _common import best_of
+    calls = []
+
+    def fn():
+        calls.append(len(calls))
+        time.sleep(0.3 if len(calls) == 2 else 0.001)      # the first timed call is the slow one
+        return len(calls)
+    result, seconds = best_of(fn, 3)
+    assert result == 1 and len(calls) == 4                 # the warm-up's value; 1 + 3 calls
+    assert 0.0005 < seconds < 0.15                         # the slow timed call is not the one kept
+    with pytest.raises(ValueError, match="repeats=0"):
+        best_of(fn, 0)
