@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 BUSY_MARGIN = 0.5      # spin while idle cores (CPUs − busy_cpus) ≥ our threads − this
+SAMPLE_SECONDS = 0.3   # how long busy_cpus watches the CPUs: a few of a busy neighbour's parallel regions
 
 
 def usable_cpus() -> int:
@@ -24,10 +26,53 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _cpu_jiffies(cpu_ids: set[int] | None) -> tuple[int, int] | None:
+    """(busy, total) clock ticks since boot summed over ``cpu_ids`` (every CPU when None), from /proc/stat's
+    per-CPU lines (Linux); None where it cannot be read. Idle and iowait count as idle; user, nice, system, irq,
+    softirq and steal (a core the hypervisor gave away is not ours either) as busy."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    busy = total = 0
+    seen = False
+    for line in lines:
+        name, *fields = line.split() or [""]
+        if not (name.startswith("cpu") and name[3:].isdigit()):
+            continue
+        if cpu_ids is not None and int(name[3:]) not in cpu_ids:
+            continue
+        ticks = [int(x) for x in fields[:8]] + [0] * (8 - len(fields[:8]))
+        user, nice, system, idle, iowait, irq, softirq, steal = ticks
+        busy += user + nice + system + irq + softirq + steal
+        total += user + nice + system + idle + iowait + irq + softirq + steal
+        seen = True
+    return (busy, total) if seen else None
+
+
+def _affinity() -> set[int] | None:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
 def busy_cpus(cpus: int) -> float:
-    """How many CPUs other work keeps busy: the larger of the 1-minute load average (it lags a job that just
-    started) and the tasks runnable right now besides this one (Linux /proc/loadavg). ``cpus`` (all busy)
-    where neither can be read: the cautious answer."""
+    """How many of our ``cpus`` other work keeps busy. Measured over SAMPLE_SECONDS from the per-CPU times of the
+    CPUs we may run on, while this process sleeps: it sees a job that started a moment ago and forgets one that
+    just ended (the 1-minute load average lags both ways: a run started within a minute or two of another job's
+    end chose PASSIVE on idle cores, which bench_wait_policy measured 1.36× slower). Where /proc/stat cannot be read: the larger of the 1-minute
+    load average and the tasks runnable now besides this one (/proc/loadavg); ``cpus`` (all busy) where neither
+    can be read: the cautious answer."""
+    ids = _affinity()
+    before = _cpu_jiffies(ids)
+    if before is not None:
+        time.sleep(SAMPLE_SECONDS)
+        after = _cpu_jiffies(ids)
+        if after is not None and after[1] > before[1]:
+            n = len(ids) if ids else cpus
+            return n * (after[0] - before[0]) / (after[1] - before[1])
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
@@ -43,7 +88,8 @@ def busy_cpus(cpus: int) -> float:
 
 def choose_wait_policy(threads: int | None = None) -> str:
     """Set ``OMP_WAIT_POLICY`` unless the user did, and return the policy in force ("default": libgomp's own,
-    which spins a while). PASSIVE when the idle cores (CPUs minus :func:`busy_cpus`) are fewer than ``threads``
+    which spins a while). PASSIVE when the idle cores (CPUs minus :func:`busy_cpus`, watched for SAMPLE_SECONDS)
+    are fewer than ``threads``
     (default: every usable CPU) minus BUSY_MARGIN. Two runs started in the same instant on idle cores can both
     choose to spin: set ``OMP_WAIT_POLICY=PASSIVE`` for runs meant to share cores. Call before torch loads."""
     if "OMP_WAIT_POLICY" in os.environ:

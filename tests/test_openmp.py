@@ -30,7 +30,55 @@ def test_the_users_setting_wins(monkeypatch):
     assert openmp.choose_wait_policy(2) == "ACTIVE"
 
 
-def test_no_load_average_is_the_cautious_choice(monkeypatch):
+def _stat(*cpus: tuple[int, int]) -> str:
+    """A /proc/stat with one line per CPU from (busy, idle) ticks (busy as user time, idle as idle)."""
+    total = [sum(c[0] for c in cpus), sum(c[1] for c in cpus)]
+    lines = [f"cpu  {total[0]} 0 0 {total[1]} 0 0 0 0 0 0"]
+    lines += [f"cpu{i} {b} 0 0 {i_} 0 0 0 0 0 0" for i, (b, i_) in enumerate(cpus)]
+    return "\n".join(lines + ["intr 1 2 3", "ctxt 99", ""])
+
+
+@pytest.fixture
+def proc(monkeypatch, tmp_path):
+    """Serve /proc/stat snapshots in turn (and /proc/loadavg) from files; no real sleeping."""
+    snaps, real_open = [], open
+    monkeypatch.setattr(openmp.time, "sleep", lambda s: None)
+
+    def fake_open(path, *a, **k):
+        if path in ("/proc/stat", "/proc/loadavg"):
+            f = tmp_path / path.rsplit("/", 1)[1]
+            if path == "/proc/stat":
+                if not snaps:
+                    raise OSError("no /proc/stat")
+                f.write_text(snaps.pop(0))
+            elif not f.exists():
+                raise OSError("no /proc/loadavg")
+            return real_open(f, *a, **k)
+        return real_open(path, *a, **k)
+    monkeypatch.setattr("builtins.open", fake_open)
+    return snaps
+
+
+def test_busy_cores_are_watched_on_our_cpus_only(monkeypatch, proc):
+    """Over the sample CPU 0 ran 30 of 30 ticks, CPU 1 15 of 30, CPU 2 (not ours) 30 of 30: 1.5 busy of ours."""
+    monkeypatch.setattr(openmp, "_affinity", lambda: {0, 1})
+    monkeypatch.setattr(openmp.os, "getloadavg", lambda: (9.0, 9.0, 9.0))   # the lagging average is not read
+    proc += [_stat((100, 100), (100, 100), (5, 5)), _stat((130, 100), (115, 115), (35, 5))]
+    assert openmp.busy_cpus(2) == pytest.approx(1.5)
+
+
+def test_a_job_that_just_ended_no_longer_counts(monkeypatch, proc):
+    """The 1-minute average still says 2 busy cores after a job ended; the cores themselves are idle now."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(openmp, "_affinity", lambda: {0, 1})
+    monkeypatch.setattr(openmp.os, "getloadavg", lambda: (2.0, 1.9, 1.8))
+    proc += [_stat((500, 100), (500, 100)), _stat((501, 129), (500, 130))]
+    assert openmp.busy_cpus(2) == pytest.approx(2 * 1 / 60)
+    proc += [_stat((500, 100), (500, 100)), _stat((501, 129), (500, 130))]
+    assert openmp.choose_wait_policy(2) == "default"
+
+
+def test_no_proc_stat_and_no_load_average_is_the_cautious_choice(monkeypatch, proc):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
 
     def missing():
@@ -39,18 +87,10 @@ def test_no_load_average_is_the_cautious_choice(monkeypatch):
     assert openmp.busy_cpus(8) == 8.0 and openmp.choose_wait_policy(1) == "PASSIVE"
 
 
-def test_a_job_that_just_started_counts_before_the_average_sees_it(monkeypatch, tmp_path):
-    """The 1-minute average lags; the tasks runnable now (besides ours) do not."""
+def test_without_proc_stat_a_job_that_just_started_counts_before_the_average_sees_it(monkeypatch, proc, tmp_path):
+    """The fallback: the 1-minute average lags; the tasks runnable now (besides ours) do not."""
     monkeypatch.setattr(openmp.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
-    real_open = open
-
-    def fake_open(path, *a, **k):
-        if path == "/proc/loadavg":
-            f = tmp_path / "loadavg"
-            f.write_text("0.10 0.20 0.30 3/120 4242\n")     # ours + 2 runnable threads of another job
-            return real_open(f, *a, **k)
-        return real_open(path, *a, **k)
-    monkeypatch.setattr("builtins.open", fake_open)
+    (tmp_path / "loadavg").write_text("0.10 0.20 0.30 3/120 4242\n")     # ours + 2 runnable threads of another job
     assert openmp.busy_cpus(2) == 2
 
 
