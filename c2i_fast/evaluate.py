@@ -64,7 +64,7 @@ class Scorer:
             self.rows = [trimmed(r) for r in self.rows]
         self.prefix_ids: list[int] = []           # shared prompt prefix, run once per pass (module docstring)
         if share_prefix and supports_shared_prefix(model):
-            self.prefix_ids = split_shared_prefix(self.rows)
+            self.prefix_ids = split_shared_prefix(self.rows, self._batch_overhead())
         self.batches = self._build_batches()
         self.forward_rows = len(self.rows)
         # the last layer's position-wise matrices, run at the read columns only (replay.tail_only)
@@ -97,13 +97,17 @@ class Scorer:
             conts.append(cont)
         return continuation_rows(prompts, conts)
 
+    def _batch_overhead(self) -> int:
+        """What one more forward call costs, in tokens: ``batch_overhead``, by default 32 on a CPU (a forward
+        costs about its token count) and half of ``batch_tokens`` on a GPU (a launch costs as much as many)."""
+        if self.batch_overhead is not None:
+            return self.batch_overhead
+        return self.batch_tokens // 2 if any(p.is_cuda for p in self.model.parameters()) else 32
+
     def _build_batches(self) -> list[Batch]:
-        """Padding-aware batches (:func:`~c2i_fast.batching.cut_batches`), costing each batch ``batch_overhead``
-        tokens: by default 32 on a CPU, half of ``batch_tokens`` on a GPU."""
-        overhead = self.batch_overhead
-        if overhead is None:
-            overhead = self.batch_tokens // 2 if any(p.is_cuda for p in self.model.parameters()) else 32
-        return [self._pad(rows) for rows in cut_batches(self.rows, self.batch_tokens, overhead)]
+        """Padding-aware batches (:func:`~c2i_fast.batching.cut_batches`), each costing
+        :meth:`_batch_overhead` tokens more than its padded tokens."""
+        return [self._pad(rows) for rows in cut_batches(self.rows, self.batch_tokens, self._batch_overhead())]
 
     def _pad(self, rows: list[Row]) -> Batch:
         return pad(rows, self.pad_id, len(self.prefix_ids), self.single_token_choices is not None)

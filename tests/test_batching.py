@@ -34,8 +34,9 @@ def test_shared_prefix_leaves_every_row():
             Row(2, -1, [1, 2, 9, 7, 8], [7, 8], [(3, 1), (4, 1)])]
     # first reads at indices 3, 2, 2: the prefix stops before index 2 (and row 2 differs there anyway)
     assert shared_prefix_length(rows) == 2
-    assert split_shared_prefix([Row(0, -1, list(r.ids), r.cont, r.spans) for r in rows], min_tokens=3) == []
-    assert split_shared_prefix(rows, min_tokens=2) == [1, 2]
+    # 2 prefix tokens × (3 − 1) rows = 4 tokens saved beyond the prefix's own pass: only against an overhead < 4
+    assert split_shared_prefix([Row(0, -1, list(r.ids), r.cont, r.spans) for r in rows], overhead=4) == []
+    assert split_shared_prefix(rows, overhead=3) == [1, 2]
     assert [r.ids for r in rows] == [[3, 4, 5], [3, 6], [9, 7, 8]]
     assert rows[2].spans == [(1, 1), (2, 1)] and rows[0].spans is None
 
