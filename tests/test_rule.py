@@ -47,3 +47,14 @@ def test_the_paper_rule_is_an_option_and_resumed_old_runs_keep_it(tmp_path, smol
         adapt(AdaptConfig(out=str(tmp_path / "x"), compose=1, data_dir=str(data_dir), **SMALL), lm=smollm2)
     with pytest.raises(C2IError, match="--rule 'best'"):
         adapt(AdaptConfig(out=str(tmp_path / "y"), rule="best", data_dir=str(data_dir), **SMALL), lm=smollm2)
+
+
+def test_the_choice_loss_runs_the_whole_adapt(run, tmp_path, smollm2, data_dir):
+    """`--loss choice` (the pre-registered comparison in docs/results.md runs it): the scan ranks by the loss over
+    the label choices, which on FEVER's selection rows is not the answer loss, and the run ends in a decision."""
+    rep = adapt(AdaptConfig(out=str(tmp_path / "choice"), loss="choice", data_dir=str(data_dir), **SMALL), lm=smollm2)
+    answer = run[0]
+    assert rep["scan"]["loss_kind"] == "choice" and answer["scan"]["loss_kind"] == "answer"
+    assert rep["scan"]["loss"] != pytest.approx(answer["scan"]["loss"], rel=1e-3)
+    assert rep["decision"]["rule"] == "confirm" and rep["decision"]["reason"]
+    assert rep["selection"]["base"]["accuracy"] == answer["selection"]["base"]["accuracy"]   # same rows, same model
