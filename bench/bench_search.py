@@ -92,7 +92,7 @@ def run(args) -> dict:
                                     f"factors, not rerun), factored, from their layer up"}
         # (b) paper-faithful C2I: first --paper-subset candidates dense + full forward, extrapolated to the grid
         b = adapt(AdaptConfig(out=str(work / "b"), samples=args.samples, top_k=args.top_k,
-                              max_evals=args.paper_subset, dense_candidates=True, test_size=args.samples,
+                              max_evals=args.paper_subset, dense_candidates=True, test_size=args.samples, loss="answer",
                               **common, **adapt_only))
         per_b = b["timings"]["search"] / max(1, b["search"]["n_evaluated"])
         n_grid_c = c["search"]["n_candidates"]

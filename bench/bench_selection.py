@@ -220,8 +220,9 @@ def main(argv=None) -> int:
                     help="the search's pruning (c2i adapt --prune); compare rules' held-out numbers across folders")
     ap.add_argument("--search-dtype", default="model", choices=SEARCH_DTYPES,
                     help="the search's precision (c2i adapt --search-dtype)")
-    ap.add_argument("--loss", default="answer", choices=["answer", "choice"],
-                    help="the scan's loss (c2i adapt --loss)")
+    ap.add_argument("--loss", default="answer", choices=["answer", "choice", "auto"],
+                    help="the scan's loss (c2i adapt --loss; this bench's default stays answer, so older folders "
+                         "compare)")
     ap.add_argument("--laser-layers", help="also LASER in the same harness on these layers, e.g. 17-27")
     ap.add_argument("--laser-tasks", help="LASER on these tasks only (default: every task)")
     ap.add_argument("--out", required=True, help="folder of unit JSONs (created)")

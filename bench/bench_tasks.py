@@ -289,7 +289,8 @@ class Bench:
                         clusters=tuple(a.clusters), methods=tuple(a.methods), confirm_size=a.confirm_size)
             # c2i's pruning keeps the best three exact (not only its pick): its ranking of every candidate is
             # then also the confirm rule's, which bench/bench_exhaustive.py reads
-            rule = dict(rule="paper", max_evals=0, keep_best=C2I_KEEP_BEST) if method == "c2i" else dict(
+            # c2i ranks by the answer loss as the paper does; c2i_fast by its default (auto: choice on classification)
+            rule = dict(rule="paper", max_evals=0, keep_best=C2I_KEEP_BEST, loss="answer") if method == "c2i" else dict(
                 rule="confirm", max_evals=a.max_evals)
             rep = adapt(AdaptConfig(out=str(work / "run"), draws=1, scan_cache=scan_cache, **grid, **rule, **common),
                         lm=self.lm)

@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-evals", type=int, default=48,
                    help="evaluate only the N candidates with the best first-order ΔL̂ (0 = all; default 48)")
     a.add_argument("--compose", type=int, default=0, help="greedily try to add up to N more edits")
-    a.add_argument("--loss", choices=["answer", "choice"], default="answer",
-                   help="scan loss: gold-answer cross-entropy or choice-restricted (classification)")
+    a.add_argument("--loss", choices=["auto", "answer", "choice"], default="auto",
+                   help="scan loss: gold-answer cross-entropy or choice-restricted (classification); auto (default): "
+                        "choice on classification tasks, answer otherwise")
     a.add_argument("--score", choices=["first_order", "grad_norm"], default="first_order")
     a.add_argument("--draws", type=int, default=1, help="repeat selection on N disjoint samples")
     a.add_argument("--gate-p", type=float, default=None, metavar="P",

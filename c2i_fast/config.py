@@ -53,7 +53,7 @@ class AdaptConfig(RunConfig):
     types: tuple = MATRIX_TYPES
     max_evals: int = 48
     compose: int = 0
-    loss: str = "answer"
+    loss: str = "auto"                  # the scan's loss: "auto" = choice on classification tasks, else answer
     score: str = "first_order"
     resume: bool = False
     draws: int = 1

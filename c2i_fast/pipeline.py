@@ -12,6 +12,7 @@ harness; ``evaluate_model`` is ``c2i eval``. Outputs (all written atomically: te
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -308,6 +309,19 @@ def resume_config(directory: str, **overrides) -> AdaptConfig:
     return cfg
 
 
+LOSSES = ("auto", "answer", "choice")
+
+
+def scan_loss(loss: str, kind: str) -> str:
+    """The loss the scan ranks matrices by: ``auto`` is the loss over the label choices on a classification task
+    (adopted by the rule pre-registered in docs/results.md § "Pre-registered: which loss the scan ranks by": over
+    12 SmolLM2 selection draws its shipped edits gained +193 net on the confirmation rows against the answer
+    loss's +32) and the gold answer's log-loss elsewhere (no choices to restrict to)."""
+    if loss == "auto":
+        return "choice" if kind == "classification" else "answer"
+    return loss
+
+
 def adapt(cfg: AdaptConfig, *, lm=None, task=None, test=None) -> dict:
     """Run C2I end to end; returns the report dict (also written to ``<out>/report.json``). ``lm`` (a
     LoadedModel), ``task`` (a Task) and ``test`` (held-out Examples) are for callers that already hold them
@@ -330,6 +344,8 @@ def adapt(cfg: AdaptConfig, *, lm=None, task=None, test=None) -> dict:
         raise C2IError("--compose confirms no composed plan yet: use it with --rule paper")
     if cfg.prune not in PRUNE_MODES:
         raise C2IError(f"--prune {cfg.prune!r}: choose one of {', '.join(PRUNE_MODES)}")
+    if cfg.loss not in LOSSES:
+        raise C2IError(f"--loss {cfg.loss!r}: choose one of {', '.join(LOSSES)}")
     search_dtype(cfg.search_dtype)
     if cfg.scan_svd not in SCAN_SVDS:
         raise C2IError(f"--scan-svd {cfg.scan_svd!r}: choose one of {', '.join(SCAN_SVDS)}")
@@ -342,6 +358,7 @@ def adapt(cfg: AdaptConfig, *, lm=None, task=None, test=None) -> dict:
     distributed.barrier()          # every rank has checked --out before rank 0 writes into it
     t_start = time.perf_counter()
     lm, task, t_load = _prepare(cfg, cfg.dtype, cfg.device, cfg.device_map, lm=lm, task=task)
+    cfg = dataclasses.replace(cfg, loss=scan_loss(cfg.loss, task.kind))     # config.json keeps the loss used
     main_rank = distributed.is_main()
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,7 @@ OWN = {
     "AdaptConfig": {"samples": 100, "top_k": 5, "rank_fractions": (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01),
                     "clusters": (1, 2, 4, 8), "methods": ("block", "kmeans", "projective"),
                     "types": ("q", "k", "v", "qkv", "o", "mlp_in", "mlp_up", "mlp_out"), "max_evals": 48,
-                    "compose": 0, "loss": "answer", "score": "first_order", "resume": False, "draws": 1,
+                    "compose": 0, "loss": "auto", "score": "first_order", "resume": False, "draws": 1,
                     "dense_candidates": False, "dtype": "float32", "device": None, "device_map": None,
                     "gradient_checkpointing": False, "gate_p": None,
                     # added since: the shipping rule, bench hooks, pruning and the scan's SVD
@@ -193,3 +193,17 @@ def test_search_in_given_order_scores_every_candidate_once_in_order(monkeypatch)
     assert [c.key() for c in res.best] == [cands[4].key()]       # 0.7, then the lower log-loss
     with pytest.raises(ValueError, match="order"):
         S.search(None, cands, base, None, n_layers=4, order="sideways")
+
+
+def test_the_default_scan_loss_is_the_choice_loss_on_classification_tasks_only():
+    """`--loss auto` (the default since the pre-registered comparison in docs/results.md): the loss over the
+    label choices where there are choices, the answer's log-loss on recall and generation tasks; an explicit
+    loss is kept, and an unknown one is refused before anything is loaded or written."""
+    from c2i_fast.errors import C2IError
+    from c2i_fast.pipeline import AdaptConfig, adapt, scan_loss
+    assert AdaptConfig(model="m", task="t", out="o").loss == "auto"
+    assert scan_loss("auto", "classification") == "choice"
+    assert scan_loss("auto", "recall") == "answer" and scan_loss("auto", "generation") == "answer"
+    assert scan_loss("answer", "classification") == "answer" and scan_loss("choice", "classification") == "choice"
+    with pytest.raises(C2IError, match="--loss 'margin'"):
+        adapt(AdaptConfig(model="m", task="t", out="/nonexistent/never-written", loss="margin"))
