@@ -4,7 +4,8 @@ For each task, the 100 selection examples c2i selects on (same split as `c2i ada
 ways by the same Scorer, all exact (same metrics):
 
     whole rows, full batches     every row whole, batches filled up to --batch-tokens (the old layout)
-    shared prefix, full batches  the common prompt prefix run once, batches filled as above
+    shared prefix, full batches  the common prompt prefix run once (where it pays, as adapt decides), batches
+                                 filled as above
     shared prefix + padding-aware  the default: batches cut where padded tokens + per-batch overhead is least
 
 It prints padded tokens, batches and the seconds of one warm full forward, and checks the log-loss agrees.
@@ -39,7 +40,10 @@ def measure(lm, task_name: str, samples: int, seed: int, repeats: int) -> list[d
     rows = split(task, samples, 1, seed=seed)["select"]
     out = []
     for name, share, overhead in LAYOUTS:
-        sc = Scorer(lm.model, lm.tokenizer, rows, task.kind, share_prefix=share, batch_overhead=overhead)
+        sc = Scorer(lm.model, lm.tokenizer, rows, task.kind, share_prefix=share)   # the prefix split as adapt does
+        if overhead is not None:                   # then the batches re-cut as full as they go
+            sc.batch_overhead = overhead
+            sc.batches = sc._build_batches()
         with torch.no_grad():
             res, seconds = best_of(partial(sc.evaluate, generate=False), repeats)
         out.append({"layout": name, "shared_prefix_tokens": len(sc.prefix_ids), "batches": len(sc.batches),

@@ -295,7 +295,7 @@ class Bench:
             rep = adapt(AdaptConfig(out=str(work / "run"), draws=1, scan_cache=scan_cache, **grid, **rule, **common),
                         lm=self.lm)
             shipped, reason = rep["decision"]["shipped"], rep["decision"]["reason"]
-            extra = {"rule": rule["rule"], "max_evals": rule["max_evals"]}
+            extra = {"rule": rule["rule"], "max_evals": rule["max_evals"], "loss": rep["scan"]["loss_kind"]}
             if method == "c2i_fast":
                 extra["estimates"] = estimates(rep, parse_layers(a.laser_layers))
         seconds = time.perf_counter() - t0

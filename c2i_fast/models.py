@@ -192,9 +192,10 @@ def supports_shared_prefix(model: nn.Module) -> bool:
 
 def kv_cache_kwarg(model: nn.Module) -> str:
     """The keyword ``model.forward`` takes its KV cache by: ``cache`` from transformers 5.25 on (which deprecates
-    ``past_key_values`` and drops it in 5.40), ``past_key_values`` before."""
+    ``past_key_values`` and drops it in 5.40), ``past_key_values`` before. Read off the class: an instance's
+    ``forward`` may be a wrapper (an accelerate hook, a test's stand-in) whose signature is ``*args, **kwargs``."""
     import inspect
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def last_layer_positionwise(model: nn.Module) -> list[str]:

@@ -123,6 +123,10 @@ def test_renderer_table_from_hand_made_cells(render, tmp_path):
     assert "Command: `python bench/bench_tasks.py --model smollm2 --tasks fever --out X`" in md
     assert "AMD EPYC (1 thread)" in md and "torch 2.13.0" in md and "abc1234" in md and "2026-12-01" in md
     assert "Wilson" in md and "McNemar" in md
+    assert "to be rerun: fever." in md            # a c2i_fast cell without "loss" ran before `--loss auto`
+    fast["loss"] = "choice"
+    _write(out, fast)
+    assert "to be rerun" not in render.render(out)
     # a method cell whose base differs from the base cell's: not the same held-out rows, said under the table
     fast["held_out"]["base_accuracy"] = 0.51
     _write(out, fast)
@@ -232,6 +236,7 @@ def test_end_to_end_tiny_run_resumes_and_renders(bench, render, tmp_path, monkey
     assert cells["c2i"]["rule"] == "paper" and cells["c2i"]["n_evaluated"] == cells["c2i"]["n_candidates"] == 4
     assert cells["c2i_fast"]["rule"] == "confirm" and cells["c2i_fast"]["n_evaluated"] <= 3
     assert cells["c2i_fast"]["sizes"]["n_confirm"] == 60 and cells["c2i"]["sizes"]["n_confirm"] == 0
+    assert cells["c2i_fast"]["loss"] == "choice" and cells["c2i"]["loss"] == "answer"     # fever: classification
     assert set(cells["c2i_fast"]["estimates"]) >= {"c2i", "laser"}
     assert cells["laser"]["laser_layers"] == "28,29" and cells["laser"]["n_candidates"] == 2 * 2 * 8
     assert cells["base"]["layer_passes"] == 0 and cells["base"]["source"] == "c2i_fast"
