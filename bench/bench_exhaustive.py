@@ -87,11 +87,17 @@ def not_comparable(fast_cell: dict, c2i_cell: dict, fast_rep: dict | None, c2i_r
             (c2i_rep["search"].get("prune") == "exact" and c2i_rep["search"].get("prune_keep", 1) <
              fast_rep["config"].get("confirm_top", 3)):
         return "the c2i cell's pruning does not keep the confirm rule's contenders exact"
-    if fast_rep["selection"]["base"] != c2i_rep["selection"]["base"]:
+    fb, cb = fast_rep["selection"]["base"], c2i_rep["selection"]["base"]
+    # the log-loss is compared to float noise: batch layouts (a shared prefix or not) move its 6th digit
+    if fb.get("accuracy") != cb.get("accuracy") or fb.get("n") != cb.get("n") or \
+            abs(fb.get("log_loss", 0.0) - cb.get("log_loss", 0.0)) > 1e-5 * max(1.0, abs(cb.get("log_loss", 0.0))):
         return "the base model's selection metrics differ: not the same selection rows"
     if fast_rep["decision"].get("fallback"):
         return (f"c2i_fast decided without confirmation rows ({fast_rep['decision']['reason']}); the exhaustive "
                 f"fallback needs every candidate's per-row flags, which the c2i cell's report does not keep")
+    losses = {r["scan"].get("loss_kind", "answer") for r in (fast_rep, c2i_rep)}
+    if len(losses) > 1:
+        return "the two scans ranked by different losses (" + " and ".join(sorted(losses)) + "): not the same candidates"
     return None
 
 

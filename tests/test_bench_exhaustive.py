@@ -62,6 +62,9 @@ def test_what_cannot_be_compared_says_why(bench):
     moved = copy.deepcopy(reps["c2i"])
     moved["selection"]["base"]["accuracy"] += 0.01
     assert "selection rows" in bench.not_comparable(f, c, reps["c2i_fast"], moved)
+    ranked = copy.deepcopy(reps["c2i_fast"])
+    ranked["scan"]["loss_kind"] = "choice"                         # c2i_fast at --loss auto on a classification task
+    assert "different losses" in bench.not_comparable(f, c, ranked, reps["c2i"])
     cells, reps = _reports(bench, "bias_in_bios_profession")       # 0 confirmation rows: the fallback decided
     why = bench.not_comparable(cells["c2i_fast"], cells["c2i"], reps["c2i_fast"], reps["c2i"])
     assert "without confirmation rows" in why
