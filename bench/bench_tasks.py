@@ -261,8 +261,8 @@ class Bench:
         common = dict(model=a.model, task=task, test_size=sizes["n_test"], seed=a.seed, data_dir=a.data_dir,
                       threads=a.threads, progress=not a.quiet)
         plan = {"method": method, "sizes": sizes, "settings": self.settings(), "model": a.model, "task": task}
-        if method == "c2i_fast":      # a run killed before `--loss auto` became the default ranked by the answer
-            plan["loss"] = "auto"
+        if method == "c2i_fast":      # a run killed under another default loss (before `--loss auto`) is not resumed
+            plan["loss"] = AdaptConfig.loss
         work, earlier = self.attempts(task, method, plan)
         common["resume"] = (work / "run" / "journal.jsonl").is_file()
         # a first run pays (and stores) its scan, so cells on the same rows are timed alike; a resumed one reads it

@@ -160,12 +160,14 @@ def notes(meta: dict, cells: dict) -> list[str]:
         if t in base and b is not None and abs(b - base[t]["held_out"]["accuracy"]) > 1e-9:
             out.append(f"**Warning**: {t}/{m} measured the base at {fmt_pct(b)} on its held-out rows, the base "
                        f"cell {fmt_pct(base[t]['held_out']['accuracy'])}: not the same rows.")
-    # cells written before `--loss auto` became the default (commit 819ec2f) carry no "loss": they ranked by the answer
-    stale = sorted(t for (t, m), c in cells.items() if m == "c2i_fast" and not c.get("skipped")
-                   and c.get("loss", "answer") == "answer" and t in TASKS and TASKS[t].kind == "classification")
+    # c2i_fast's cells are its defaults: one whose scan ranked by another loss than today's default resolves to on
+    # its task is stale (cells written before `--loss auto`, commit 819ec2f, carry no "loss": they ranked by the answer)
+    from c2i_fast.pipeline import AdaptConfig, scan_loss
+    stale = sorted(t for (t, m), c in cells.items() if m == "c2i_fast" and not c.get("skipped") and t in TASKS
+                   and c.get("loss", "answer") != scan_loss(AdaptConfig.loss, TASKS[t].kind))
     if stale:
-        out.append("c2i_fast cells whose scan ranked by the answer loss, not today's default (`--loss auto`: the "
-                   "choice loss on classification), to be rerun: " + ", ".join(stale) + ".")
+        out.append(f"c2i_fast cells whose scan ranked by another loss than today's default (`--loss "
+                   f"{AdaptConfig.loss}`: the choice loss on classification), to be rerun: " + ", ".join(stale) + ".")
     for c in sorted({c["laser_layers"] for c in cells.values() if c.get("laser_layers")}):
         out.append(f"LASER cells: layers {c} only (their `laser_layers`).")
     runs = meta.get("runs") or []
