@@ -74,7 +74,9 @@ def flags_and_batches(model: str, report: dict):
     cfg = report["config"]
     lm = load_model(model)
     task = check_tokenization(load_task(cfg["task"], cfg.get("data_dir")), lm.tokenizer)
-    splits = split(task, cfg["samples"], cfg["test_size"], cfg["seed"], n_confirm=cfg["confirm_size"])
+    n_confirm = cfg["confirm_size"] if cfg["rule"] == "confirm" or cfg["compare_rules"] else 0   # as adapt splits
+    splits = split(task, cfg["samples"], cfg["test_size"], cfg["seed"], draw=0, n_draws=cfg["draws"],
+                   n_confirm=n_confirm)
     fields = set(AdaptConfig.__dataclass_fields__)
     scorer = _scorer(lm, task, splits["select"], AdaptConfig(**{k: v for k, v in cfg.items() if k in fields}))
     base = scorer.evaluate()
