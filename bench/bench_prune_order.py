@@ -96,6 +96,7 @@ def read_journal(run: Path) -> dict[str, dict]:
 
 
 def orders(todo: list[dict], flags: dict[str, list[bool]]) -> dict[str, list[dict]]:
+    """Each ORDERS name → the candidates ``todo`` (the interleave's first ``max_evals``) in that order."""
     deep = sorted(todo, key=lambda c: -c["layer"])                  # stable: the interleave within a layer
     firsts: dict[str, dict] = {}
     for c in todo:
@@ -111,6 +112,8 @@ def replay(order: list[dict], flags: dict[str, list[bool]], twin_of: dict[str, s
     """The exact-pruned search over ``order``: row·layer passes run, candidates stopped, best three."""
     n, floor = len(base), sum(base)
     per_batch = [[r.example for r in b.rows] for b in scorer.batches]
+    if sum(map(len, per_batch)) != n:        # an example over several rows completes with its last: not replayed
+        raise SystemExit("bench_prune_order: error: the replay needs one row per example (packed choices)")
     counts: list[int] = []
     scored_groups: set[str] = set()
     last: dict[str, list[bool]] = {}
