@@ -158,7 +158,7 @@ def plans_paired(lm, config: dict, fast_plan: list[dict], exh_plan: list[dict]) 
     run = RunConfig(**{k: v for k, v in config.items() if k in RunConfig.__dataclass_fields__})
     sc = _scorer(lm, task, rows, run)
     layer = {id(p): min((int(e["matrix"].split(".")[2]) for e in p), default=0) for p in (fast_plan, exh_plan)}
-    cache = PrefixCache() if task.kind != "generation" else None
+    cache = PrefixCache()
     base, _ = base_metrics(sc, MetricsCache(lm.model, config.get("metrics_cache", True)), cache,
                            {v for v in layer.values()} if cache is not None else set())
     correct = []

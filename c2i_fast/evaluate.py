@@ -31,7 +31,8 @@ from .batching import (Batch, Row, choice_rows, continuation_rows, cut_batches, 
                        split_shared_prefix, trimmed)
 from .errors import C2IError
 from .models import decoder_layers, kv_cache_kwarg, last_layer_positionwise, layer_root, supports_shared_prefix
-from .replay import PREFIX, PrefixCache, capture_layers, detach, replay_layers, replay_within, tail_only
+from .replay import (PREFIX, PrefixCache, capture_layers, detach, has_prefill, replay_layers, replay_prefill,
+                     replay_within, tail_only)
 from .tasks import Example, majority_baseline
 
 MAX_PROMPT_TOKENS = 1024
@@ -252,6 +253,8 @@ class Scorer:
         if not layers:
             return
         cache.sync(self.epoch)
+        if self.kind == "generation" and supports_shared_prefix(self.model):
+            self._capture_generation(cache, layers)
         top = max(layers)
         kv = None
         with torch.no_grad():
@@ -355,7 +358,8 @@ class Scorer:
 
     def _evaluate(self, cache, start_layer, capture, generate, within=None, stop=None) -> dict:
         if stop is None or not self.can_stop_early():
-            return self.metrics(self.run(cache, start_layer, capture, within=within), generate)
+            return self.metrics(self.run(cache, start_layer, capture, within=within), generate,
+                                cache, start_layer, capture)
         pairs, outcomes = [], {}
         order = self.stopping_order(getattr(stop, "likely_wrong", None), getattr(stop, "bar", None))
         for b, stats in self.run(cache, start_layer, capture, within=within, order=order):
@@ -366,7 +370,7 @@ class Scorer:
             if len(outcomes) < len(self.examples) and stop(correct, len(self.examples) - len(outcomes), outcomes):
                 return self.pruned_result(len(outcomes), correct, len(pairs))
         at = {id(b): i for i, b in enumerate(self.batches)}
-        return self.metrics(sorted(pairs, key=lambda p: at[id(p[0])]), generate)
+        return self.metrics(sorted(pairs, key=lambda p: at[id(p[0])]), generate, cache, start_layer, capture)
 
     # -- early stopping ---------------------------------------------------------------------------------
     def can_stop_early(self) -> bool:
@@ -443,8 +447,10 @@ class Scorer:
         return {"pruned": True, "n": len(self.examples), "rows_scored": scored, "correct_so_far": correct,
                 "batches_scored": batches, "batches": len(self.batches)}
 
-    def metrics(self, stats_iter, generate: bool = True) -> dict:
-        """The evaluation dict from (batch, row stats) pairs covering every batch (:meth:`run`'s output)."""
+    def metrics(self, stats_iter, generate: bool = True, cache: PrefixCache | None = None, start_layer: int = 0,
+                capture: set[int] = frozenset()) -> dict:
+        """The evaluation dict from (batch, row stats) pairs covering every batch (:meth:`run`'s output);
+        ``cache``, ``start_layer`` and ``capture`` go to :meth:`generate` (generation tasks)."""
         per_d = self._per_example(stats_iter)
         per = [per_d[i] for i in range(len(self.examples))]
         res = {"n": len(self.examples), "log_loss": float(self.loss(per_d, "answer")),
@@ -462,7 +468,7 @@ class Scorer:
         else:
             res["greedy_prefix_accuracy"] = sum(d["greedy"] for d in per) / len(per)
             if generate:
-                gen = self.generate()
+                gen = self.generate(cache=cache, start_layer=start_layer, capture=capture)
                 res["accuracy"] = sum(gen["correct"]) / len(per)
                 res["generations"] = gen["texts"]
             else:
@@ -478,24 +484,57 @@ class Scorer:
         return [bool(d["greedy"]) for d in per]
 
     # -- generation -------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, batch_size: int = 32) -> dict:
-        """Greedy generation from the prompt; only the new tokens are decoded and matched."""
-        dev = self._device()
+    def generation_batches(self, batch_size: int = 32) -> list[tuple[list[int], Batch]]:
+        """Greedy generation's batches: (example indices, left-padded prompts), prompts sorted by length."""
         prompts = [self._tok(ex.prompt, True)[-MAX_PROMPT_TOKENS:] for ex in self.examples]
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-        texts: list[str] = [""] * len(prompts)
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            b = self._pad([Row(i, -1, prompts[i], []) for i in idx])
-            out = self.model.generate(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev),
-                                      max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=self.pad_id)
+        return [(idx, self._pad([Row(i, -1, prompts[i], []) for i in idx]))
+                for idx in (order[s:s + batch_size] for s in range(0, len(order), batch_size))]
+
+    @torch.no_grad()
+    def generate(self, batch_size: int = 32, cache: PrefixCache | None = None, start_layer: int = 0,
+                 capture: set[int] = frozenset()) -> dict:
+        """Greedy generation from the prompt; only the new tokens are decoded and matched.
+
+        With a ``cache``, each batch's prefill replays layers < ``start_layer`` and captures the layers in
+        ``capture`` (:func:`~c2i_fast.replay.replay_prefill`; keys ``("gen", batch)``), as :meth:`run` does for
+        the scored pass: a batch whose entries are missing runs from layer 0 and captures them."""
+        dev = self._device()
+        batches = self.generation_batches(batch_size)
+        replay = cache is not None and supports_shared_prefix(self.model)   # a plain KV cache, every layer full
+        if not replay:
+            start_layer, capture = 0, set()
+        else:
+            cache.sync(self.epoch)
+        texts: list[str] = [""] * len(self.examples)
+        for g, (idx, b) in enumerate(batches):
+            start, keep = start_layer, set(capture)
+            if start > 0 and not has_prefill(cache, ("gen", g), start):
+                start, keep = 0, keep | {start}
+            with replay_prefill(self.model, cache if replay else None, ("gen", g), start, keep):
+                out = self.model.generate(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev),
+                                          max_new_tokens=self.max_new_tokens, do_sample=False,
+                                          pad_token_id=self.pad_id)
             new = out[:, b.input_ids.shape[1]:]
             for j, i in enumerate(idx):
                 texts[i] = self.tokenizer.decode(new[j], skip_special_tokens=True)
         correct = [answer_in_continuation(ex.answers, t) for ex, t in zip(self.examples, texts)]
         return {"texts": texts, "correct": correct}
+
+    @torch.no_grad()
+    def _capture_generation(self, cache: PrefixCache, layers: set[int], batch_size: int = 32) -> None:
+        """What :meth:`generate` captures for ``layers``, from prefills that stop below the highest of them (a
+        one-token ``generate()``: the same prefill call as a longer one makes)."""
+        dev, top = self._device(), max(layers)
+        for g, (_, b) in enumerate(self.generation_batches(batch_size)):
+            if all(has_prefill(cache, ("gen", g), l) for l in layers):
+                continue
+            with replay_prefill(self.model, cache, ("gen", g), 0, layers), stop_after(self.model, top):
+                try:
+                    self.model.generate(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev),
+                                        max_new_tokens=1, do_sample=False, pad_token_id=self.pad_id)
+                except StopForward:
+                    pass
 
 
 class StopForward(Exception):

@@ -224,7 +224,7 @@ def _conclude(lm, task, test, cfg: RunConfig, best: list[Candidate], plan: Plan,
     sc.progress = cfg.progress          # a bar per held-out pass: these are the long evaluations
     starts = {min(c.layer for c in cands) for cands in [best, *others.values()] if cands}
     start = min((c.layer for c in best), default=0)
-    cache = PrefixCache() if starts and task.kind != "generation" else None
+    cache = PrefixCache() if starts else None
     base, _ = base_metrics(sc, mc, cache, starts if cache is not None else set())
     timings["test_base"] = time.perf_counter() - t0
     adapted = base
@@ -419,7 +419,7 @@ def _adapt_one(cfg: AdaptConfig, lm, task, draw: int, out: Path, timings: dict,
 
     sel = _scorer(lm, task, splits["select"], cfg)
     # layer inputs kept for the search; the scan's forward fills it when it can (then it is the base evaluation)
-    cache = PrefixCache() if task.kind != "generation" and not cfg.dense_candidates else None
+    cache = PrefixCache() if not cfg.dense_candidates else None
     sc, scan_cached = _scan(cfg, sel, refs, cache, mc)
     timings.update({"scan_gradient": sc.seconds["gradient"], "scan_svd": sc.seconds["svd"]})
     top = sc.top(cfg.top_k)
@@ -534,7 +534,7 @@ def _decide(cfg: AdaptConfig, lm, task, confirm_rows, res, base_sel: dict, sig: 
     out = {}
     for rule in (RULES if cfg.compare_rules else (cfg.rule,)):
         out[rule] = decide(rule, ranked, base_sel, res.best, conf, top=cfg.confirm_top, alpha=cfg.alpha,
-                           significance=sig, use_cache=task.kind != "generation", mc=mc)
+                           significance=sig, mc=mc)
         _log(cfg, f"[c2i] rule {rule}{'' if rule == cfg.rule else ' (compared, not shipped)'}: {out[rule].reason}",
              "decision", **out[rule].summary())
     timings["confirm"] = time.perf_counter() - t0
@@ -586,7 +586,7 @@ def laser(cfg: LaserConfig, *, lm=None) -> dict:
     val = _scorer(lm, task, splits["select"], cfg)
 
     t0 = time.perf_counter()
-    cache = None if cfg.faithful or task.kind == "generation" else PrefixCache()
+    cache = None if cfg.faithful else PrefixCache()
     base_val = val.evaluate(cache, capture={r.layer for r in refs})
     timings["val_base"] = time.perf_counter() - t0
     t1 = time.perf_counter()

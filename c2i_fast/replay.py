@@ -193,6 +193,84 @@ def replay_within(model: nn.Module, cache: PrefixCache | None, batch_index, matr
                 cache.within_bytes += _nbytes(out)
 
 
+def _kv_cache(kwargs: dict):
+    """The KV cache a decoder layer is handed (``cache`` from transformers 5.25 on, ``past_key_values`` before)."""
+    c = kwargs.get("cache")
+    return c if c is not None else kwargs.get("past_key_values")
+
+
+class _PrefillReplay(_Replay):
+    """Stands in for decoder layer i < ℓ during one ``generate()`` call. On the prefill (the call's first forward)
+    it writes the base model's keys/values of layer i for the prompt into the KV cache and returns the cached
+    output of layer ℓ−1; on every decode step after it, the real layer runs (the new token's keys/values append
+    to those, as they would to the ones it computed itself)."""
+
+    def __init__(self, original: nn.Module, output, kv, index: int, calls: dict):
+        super().__init__(original, output)
+        object.__setattr__(self, "_layer", original)     # not a submodule: its parameters stay the model's own
+        self.kv, self.index, self.calls = kv, index, calls
+
+    def forward(self, *args, **kwargs):
+        if self.calls["n"] > 1:
+            return self._layer(*args, **kwargs)
+        _kv_cache(kwargs).update(self.kv[0], self.kv[1], self.index)
+        return self.output
+
+
+def has_prefill(cache: PrefixCache | None, key, layer: int) -> bool:
+    """Does ``cache`` hold what :func:`replay_prefill` needs to start generation batch ``key`` at ``layer``: the
+    prompt's output of layer ``layer``−1 and its keys/values of every layer below?"""
+    return cache is not None and (key, layer) in cache.store and all(
+        ((key, "kv"), i) in cache.store for i in range(layer))
+
+
+@contextmanager
+def replay_prefill(model: nn.Module, cache: PrefixCache | None, key, start_layer: int, capture: set[int]):
+    """Within one ``model.generate()`` call for batch ``key``: replay the prefill of layers < ``start_layer`` (the
+    prompt's layer inputs and keys/values below a candidate are the base model's) and capture, on the prefill,
+    the output of layer ℓ−1 for each ℓ in ``capture`` and the keys/values of every layer below the highest.
+    The decode steps run every layer: their tokens depend on the candidate. Exact: layer ``start_layer`` gets the
+    same tensor, and the cache the same keys/values, as a prefill of every layer computes (``has_prefill``
+    says whether the entries are there; the caller falls back to ``start_layer`` 0 and captures when not)."""
+    if cache is None or (start_layer <= 0 and not capture):
+        yield
+        return
+    blocks = decoder_layers(model)
+    calls = {"n": 0}
+    handles = [model.register_forward_pre_hook(lambda _m, _a: calls.__setitem__("n", calls["n"] + 1))]
+
+    def keep_out(l):
+        def hook(_m, _a, out):
+            if calls["n"] == 1:
+                cache.store[(key, l)] = detach(out)
+        return hook
+
+    def keep_kv(i):
+        def hook(_m, _a, kwargs, _out):
+            if calls["n"] == 1:
+                layer = _kv_cache(kwargs).layers[i]
+                cache.store[((key, "kv"), i)] = (detach(layer.keys), detach(layer.values))
+        return hook
+    top = max((l for l in capture if 0 < l < len(blocks)), default=0)
+    for l in capture:
+        if start_layer < l < len(blocks):            # below start_layer the stubs return layer ℓ−1's output only
+            handles.append(blocks[l - 1].register_forward_hook(keep_out(l)))
+    for i in range(start_layer, top):
+        handles.append(blocks[i].register_forward_hook(keep_kv(i), with_kwargs=True))
+    saved = [blocks[i] for i in range(max(0, start_layer))]
+    try:
+        if start_layer > 0:
+            out = cache.store[(key, start_layer)]
+            for i in range(start_layer):
+                blocks[i] = _PrefillReplay(saved[i], out, cache.store[((key, "kv"), i)], i, calls)
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for i, layer in enumerate(saved):
+            blocks[i] = layer
+
+
 @contextmanager
 def tail_only(model: nn.Module, names: list[str], read: torch.Tensor):
     """Run ``names`` (the last layer's position-wise matrices) at the ``read`` columns only: gather those columns
