@@ -52,11 +52,29 @@ def _held_out(test: dict) -> dict:
             "log_loss_base": test["base"]["log_loss"], "log_loss": test["adapted"]["log_loss"]}
 
 
-def run_unit(args, task: str, draw: int, lm=None) -> dict:
+def _unit(rep: dict, task: str, draw: int, seconds: float) -> dict:
+    """What a unit keeps of one ``c2i adapt --compare-rules`` report."""
+    return {
+        "task": task, "draw": draw, "seconds": round(seconds, 1),
+        "sizes": {k: rep["task"].get(k) for k in ("n_select", "n_confirm", "n_test")},
+        "selection_base_accuracy": rep["selection"]["base"]["accuracy"],
+        "significance": rep["search"]["significance"], "n_evaluated": rep["search"]["n_evaluated"],
+        "search": {k: rep["search"].get(k) for k in ("prune", "pruned", "row_passes", "row_passes_saved",
+                                                     "dtype")},
+        "decision": rep["decision"], "timings": rep["timings"],
+        "rules": {name: {"plan": r["plan"], "shipped": r["shipped"], "reason": r["reason"],
+                         "changed": r["changed"], "held_out": _held_out(r["test"])}
+                  for name, r in rep["rules"].items()},
+    }
+
+
+def run_unit(args, task: str, draw: int, lm=None, work: Path | None = None) -> dict:
     """One (task, draw). ``lm``: the model, loaded once for every unit (the SVDs of its weights are then
-    computed once too, under :func:`c2i_fast.svd.remembered_svds`); None loads it here."""
+    computed once too, under :func:`c2i_fast.svd.remembered_svds`); None loads it here. ``work``: where the run
+    is kept (its journal is what :func:`run_exhaustive` resumes); None: a temporary folder, removed."""
     from c2i_fast.pipeline import AdaptConfig, LaserConfig, adapt, laser
-    work = Path(tempfile.mkdtemp(prefix="c2i-selection-"))
+    own = work is None
+    work = Path(tempfile.mkdtemp(prefix="c2i-selection-")) if own else work
     try:
         t0 = time.perf_counter()
         rep = adapt(AdaptConfig(
@@ -65,18 +83,7 @@ def run_unit(args, task: str, draw: int, lm=None) -> dict:
             rule="confirm", compare_rules=True, confirm_size=args.confirm_size, threads=args.threads,
             prune=args.prune, search_dtype=args.search_dtype, loss=args.loss, progress=not args.quiet,
             scan_cache="off"), lm=lm)                    # each unit's search time includes its own scan
-        unit = {
-            "task": task, "draw": draw, "seconds": round(time.perf_counter() - t0, 1),
-            "sizes": {k: rep["task"].get(k) for k in ("n_select", "n_confirm", "n_test")},
-            "selection_base_accuracy": rep["selection"]["base"]["accuracy"],
-            "significance": rep["search"]["significance"], "n_evaluated": rep["search"]["n_evaluated"],
-            "search": {k: rep["search"].get(k) for k in ("prune", "pruned", "row_passes", "row_passes_saved",
-                                                         "dtype")},
-            "decision": rep["decision"], "timings": rep["timings"],
-            "rules": {name: {"plan": r["plan"], "shipped": r["shipped"], "reason": r["reason"],
-                             "changed": r["changed"], "held_out": _held_out(r["test"])}
-                      for name, r in rep["rules"].items()},
-        }
+        unit = _unit(rep, task, draw, time.perf_counter() - t0)
         if args.laser_layers and task in (args.laser_tasks or args.tasks).split(","):
             t1 = time.perf_counter()
             lrep = laser(LaserConfig(
@@ -91,7 +98,37 @@ def run_unit(args, task: str, draw: int, lm=None) -> dict:
                                       "seconds": round(time.perf_counter() - t1, 1)}
         return unit
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run_exhaustive(args, task: str, draw: int, lm, work: Path, fast: dict) -> dict:
+    """The same (task, draw) with ``--max-evals 0``: every candidate scored, by resuming the fast unit's run in
+    ``work`` (its journal holds the candidates it scored; none is scored again). Exact: the exhaustive order is
+    the fast one continued (the fast run scored the first ``max_evals`` of it), and exact pruning only ever
+    stops a candidate that cannot be among the best ``keep`` of a subset of what the exhaustive run scores, so
+    cannot be among the best of all. Without the fast run's folder (another machine) the run starts fresh.
+    ``timings.search`` is the whole exhaustive search: the fast unit's plus the rest (``search_rest``)."""
+    from c2i_fast.pipeline import CONFIG, AdaptConfig, adapt, resume_config
+    t0 = time.perf_counter()
+    run = work / "adapt"
+    resumed = (run / CONFIG).is_file()
+    if resumed:
+        cfg = resume_config(str(run), max_evals=0, threads=args.threads, progress=not args.quiet)
+    else:
+        shutil.rmtree(run, ignore_errors=True)
+        cfg = AdaptConfig(
+            model=args.model, task=task, out=str(run), samples=args.samples, test_size=args.test_size,
+            top_k=args.top_k, max_evals=0, draws=args.draws, only_draw=draw, seed=args.seed, rule="confirm",
+            compare_rules=True, confirm_size=args.confirm_size, threads=args.threads, prune=args.prune,
+            search_dtype=args.search_dtype, loss=args.loss, progress=not args.quiet, scan_cache="off")
+    rep = adapt(cfg, lm=lm)
+    unit = _unit(rep, task, draw, time.perf_counter() - t0 + (fast["seconds"] if resumed else 0.0))
+    if resumed:
+        unit["timings"]["search_rest"] = unit["timings"]["search"]
+        unit["timings"]["search"] = round(fast["timings"]["search"] + unit["timings"]["search"], 2)
+        unit["resumed_from"] = {"n_evaluated": fast["n_evaluated"], "search": fast["timings"]["search"]}
+    return unit
 
 
 def summarize(out: Path) -> dict:
@@ -204,6 +241,38 @@ def compare(out: Path, other: Path) -> str:
     return "\n".join(rows)
 
 
+def _open_folder(out: Path, model: str, settings: dict, command: str, threads: int) -> bool:
+    """Create or reopen a folder of units; False (and a message) when it holds units of other settings."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model, "device": device_name(), "threads": threads, "versions": versions(),
+            "commit": git_commit(), "command": command, "settings": settings}
+    meta_path = out / "meta.json"
+    run = {k: meta[k] for k in ("commit", "command", "device", "threads")}
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        # folders written before --prune / --search-dtype / --loss existed ran the defaults
+        if ({"prune": "exact", "search_dtype": "model", "loss": "answer", **old.get("settings", {})} != settings
+                or old.get("model") != model):
+            print(f"bench_selection: {out} holds units made with other settings ({old.get('settings')}); "
+                  f"use another --out", file=sys.stderr)
+            return False
+        meta["runs"] = old.get("runs", []) + [run]
+    else:
+        meta["runs"] = [run]
+    meta["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    return True
+
+
+def _runs_folder(exh: Path) -> Path:
+    """``<exhaustive-out>/.runs``: the fast runs an exhaustive unit resumes, ignored by git (their own .gitignore)."""
+    runs = exh / ".runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    if not (runs / ".gitignore").is_file():
+        (runs / ".gitignore").write_text("*\n")
+    return runs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
@@ -228,32 +297,25 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder of unit JSONs (created)")
     ap.add_argument("--summary", action="store_true", help="only rewrite summary.json and print the table")
     ap.add_argument("--against", help="with --summary: also compare each draw with the same draw in this folder")
+    ap.add_argument("--exhaustive-out", help="also every candidate (--max-evals 0) per unit, into this folder, by "
+                                             "resuming the unit's own run (the fast defaults against the "
+                                             "exhaustive evaluation of the same candidates, for the price of one)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    exh = Path(args.exhaustive_out) if args.exhaustive_out else None
+    if exh is not None and (args.max_evals == 0 or args.prune not in ("exact", "off") or args.laser_layers):
+        print("bench_selection: --exhaustive-out resumes a --max-evals N > 0 unit with --prune exact or off, without LASER",
+              file=sys.stderr)
+        return 2
     if not args.summary:
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {"model": args.model, "device": device_name(), "threads": args.threads, "versions": versions(),
-                "commit": git_commit(), "command": "python bench/bench_selection.py " + " ".join(sys.argv[1:]
-                                                                                              if argv is None else argv),
-                "settings": {k: getattr(args, k) for k in ("samples", "confirm_size", "test_size", "top_k",
-                                                           "max_evals", "seed", "draws", "laser_layers",
-                                                           "laser_tasks", "prune", "search_dtype", "loss")}}
-        meta_path = out / "meta.json"
-        if meta_path.is_file():
-            old = json.loads(meta_path.read_text())
-            # folders written before --prune / --search-dtype / --loss existed ran the defaults
-            if ({"prune": "exact", "search_dtype": "model", "loss": "answer", **old.get("settings", {})}
-                    != meta["settings"]
-                    or old.get("model") != args.model):
-                print(f"bench_selection: {out} holds units made with other settings ({old.get('settings')}); "
-                      f"use another --out", file=sys.stderr)
+        command = "python bench/bench_selection.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        settings = {k: getattr(args, k) for k in ("samples", "confirm_size", "test_size", "top_k", "max_evals",
+                                                  "seed", "draws", "laser_layers", "laser_tasks", "prune",
+                                                  "search_dtype", "loss")}
+        for folder, st in [(out, settings)] + ([(exh, {**settings, "max_evals": 0})] if exh else []):
+            if not _open_folder(folder, args.model, st, command, args.threads):
                 return 2
-            meta["runs"] = old.get("runs", []) + [{k: meta[k] for k in ("commit", "command", "device", "threads")}]
-        else:
-            meta["runs"] = [{k: meta[k] for k in ("commit", "command", "device", "threads")}]
-        meta["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-        atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
         from c2i_fast.models import load_model
         from c2i_fast.svd import remembered_svds
         lm = None
@@ -261,13 +323,28 @@ def main(argv=None) -> int:
             for draw in range(args.draws):              # draw-major: every task gets its first draws early
                 for task in args.tasks.split(","):
                     path = out / task / f"draw{draw}.json"
-                    if path.is_file():
+                    exh_path = exh / task / f"draw{draw}.json" if exh else None
+                    if path.is_file() and (exh_path is None or exh_path.is_file()):
                         continue
-                    print(f"[bench_selection] {args.model} {task} draw {draw}", file=sys.stderr, flush=True)
                     lm = lm or load_model(args.model)
-                    unit = run_unit(args, task, draw, lm)
-                    unit.update(commit=git_commit(), finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-                    atomic_write_text(path, json.dumps(unit, indent=2, default=str) + "\n")
+                    # the fast run's folder, kept until the exhaustive unit resumed it (git ignores it)
+                    work = _runs_folder(exh) / task / f"draw{draw}" if exh else None
+                    if not path.is_file():
+                        print(f"[bench_selection] {args.model} {task} draw {draw}", file=sys.stderr, flush=True)
+                        if work is not None:
+                            shutil.rmtree(work, ignore_errors=True)       # a fast run cut short: start again
+                            work.mkdir(parents=True)
+                        unit = run_unit(args, task, draw, lm, work)
+                        unit.update(commit=git_commit(), finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+                        atomic_write_text(path, json.dumps(unit, indent=2, default=str) + "\n")
+                    if exh_path is not None:
+                        print(f"[bench_selection] {args.model} {task} draw {draw}: every candidate",
+                              file=sys.stderr, flush=True)
+                        fast = json.loads(path.read_text())
+                        unit = run_exhaustive(args, task, draw, lm, work, fast)
+                        unit.update(commit=git_commit(), finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+                        atomic_write_text(exh_path, json.dumps(unit, indent=2, default=str) + "\n")
+                        shutil.rmtree(work, ignore_errors=True)
     summary = summarize(out)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(markdown(summary))
