@@ -100,20 +100,30 @@ def held_out(test: dict, which: str = "adapted") -> dict:
     return out
 
 
+# Of a generation candidate's time, the share that runs every layer (mostly its greedy decode steps), while its
+# teacher-forced pass and its prefill start at the candidate's layer (c2i_fast.replay): fitted to
+# bench/results/generation-replay-smollm2.json, where replayed / whole = (1 − s)(n − ℓ)/n + s gives s = 0.39–0.45
+# over its five layers (SmolLM2 HotpotQA, 100 rows, 15 new tokens).
+DECODE_SHARE = 0.4
+
+
 def estimates(rep: dict, laser_layers: tuple | None) -> dict:
     """Seconds the c2i and laser cells of a task would take, from c2i_fast's report on it: its seconds per
-    search layer-pass times their layer-passes (every candidate of the same grid; LASER's 2 × 8 per layer, from
-    each candidate's layer up, or every layer for generation), plus the phases they share. Rough: the cost per
-    layer-pass varies with the layer's place and with pruning."""
+    search layer-pass times their layer-passes (every candidate of the same grid; LASER's 2 × 8 per layer), plus
+    the phases they share. A candidate's layer-passes: from its layer up; on a generation task
+    :data:`DECODE_SHARE` of them every layer (the decode steps). Rough: the cost per layer-pass varies with the
+    layer's place and with pruning."""
     fp, t = rep["forward_passes"], rep["timings"]
     n_layers, passes = fp["layers"], fp["search_layer_passes"]
     if not passes:
         return {}
-    per_pass = t["search"] / passes
-    cached = rep["task"]["kind"] != "generation"
+    generation = rep["task"]["kind"] == "generation"
 
-    def depth(layer: int) -> int:
-        return n_layers - layer if cached else n_layers
+    def depth(layer: int) -> float:
+        return (1 - DECODE_SHARE) * (n_layers - layer) + DECODE_SHARE * n_layers if generation else n_layers - layer
+    if generation:          # no pruning there: each candidate that ran a pass (not a twin's result) ran it all
+        passes = sum(depth(c["layer"]) for c in rep["search"]["candidates"] if not c.get("same_as")) or passes
+    per_pass = t["search"] / passes
     shared = t["total"] - t["search"] - t.get("confirm", 0.0) - t.get("test_compared", 0.0)
     c2i = shared + per_pass * sum(depth(c["layer"]) for c in rep["search"]["candidates"])
     layers = laser_layers if laser_layers is not None else range(n_layers)

@@ -79,3 +79,42 @@ def test_loss_is_a_setting_of_the_folder(folder, import_bench, capsys):
     assert bs.main(["--tasks", "fever", "--draws", "2", "--loss", "choice", "--out", str(folder)]) == 2
     assert "use another --out" in capsys.readouterr().err
     assert bs.main(["--tasks", "fever", "--draws", "2", "--loss", "answer", "--out", str(folder), "--quiet"]) == 0
+
+
+@pytest.mark.slow
+def test_exhaustive_out_decides_as_a_fresh_max_evals_0_run(import_bench, tmp_path, monkeypatch):
+    """Tiny real run (SmolLM2, CounterFact, 1 matrix, 2 of 80 candidates): the exhaustive unit that resumed the
+    fast unit's run scores every candidate and decides exactly what a fresh ``--max-evals 0`` unit decides, with
+    the same held-out numbers; the fast run's folder is gone once the exhaustive unit is written."""
+    import os
+    monkeypatch.setenv("C2I_DATA", os.environ.get("C2I_DATA", "/work/shared/data"))
+    bs = import_bench("bench_selection")
+    tiny = ["--model", "smollm2", "--tasks", "counterfact", "--draws", "2", "--samples", "30", "--test-size", "60",
+            "--confirm-size", "60", "--top-k", "1", "--threads", "1", "--loss", "auto", "--quiet"]
+    refused = ["--prune", "halve", "--out", str(tmp_path / "x"), "--exhaustive-out", str(tmp_path / "y")]
+    assert bs.main(tiny + refused) == 2 and not (tmp_path / "x").exists()
+    fast, exh, fresh = tmp_path / "fast", tmp_path / "exh", tmp_path / "fresh"
+    real = bs.run_unit
+
+    def first_draw_only(args, task, draw, lm=None, work=None):
+        if draw:
+            raise KeyboardInterrupt               # the run is cut short after draw 0's units
+        return real(args, task, draw, lm, work)
+    monkeypatch.setattr(bs, "run_unit", first_draw_only)
+    for run in (["--max-evals", "2", "--out", str(fast), "--exhaustive-out", str(exh)],
+                ["--max-evals", "0", "--out", str(fresh)]):
+        with pytest.raises(KeyboardInterrupt):
+            bs.main(tiny + run)
+    a = json.loads((fast / "counterfact/draw0.json").read_text())
+    b = json.loads((exh / "counterfact/draw0.json").read_text())
+    c = json.loads((fresh / "counterfact/draw0.json").read_text())
+    assert a["n_evaluated"] == 2 and b["n_evaluated"] == c["n_evaluated"] == 80
+    assert b["resumed_from"]["n_evaluated"] == 2 and b["timings"]["search"] >= b["timings"]["search_rest"]
+    assert b["decision"]["confirmed"] == c["decision"]["confirmed"]
+    assert b["decision"]["shipped"] == c["decision"]["shipped"]
+    for rule in ("confirm", "paper"):
+        assert b["rules"][rule]["plan"] == c["rules"][rule]["plan"]
+        assert b["rules"][rule]["held_out"] == c["rules"][rule]["held_out"]
+    assert not (exh / ".runs/counterfact/draw0").exists()
+    assert (exh / ".runs/.gitignore").read_text() == "*\n"
+    assert json.loads((exh / "meta.json").read_text())["settings"]["max_evals"] == 0

@@ -72,8 +72,16 @@ def test_estimates_and_max_minutes(bench, tmp_path):
     assert est["seconds_per_layer_pass"] == 0.1
     assert est["c2i"] == round(40 - 10 - 3 + 0.1 * (10 + 5), 1)              # shared phases + every candidate
     assert est["laser"] == round(2 + 14 * 2 / 7 * 2 / 30 + 6 + 0.1 * (30 + 16 * (2 + 1)), 1)
-    rep["task"]["kind"] = "generation"                                        # no cache: every pass is whole
-    assert bench.estimates(rep, None)["laser"] == round(2 + 14 * 2 / 7 + 6 + 0.1 * (30 + 16 * 30 * 30), 1)
+    rep["task"]["kind"] = "generation"      # a third of a candidate's passes (the decode steps) every layer
+    d = bench.DECODE_SHARE
+    depth = [(1 - d) * (30 - layer) + d * 30 for layer in range(30)]
+    per = 10.0 / (depth[20] + depth[25])
+    gen = bench.estimates(rep, None)
+    assert gen["seconds_per_layer_pass"] == pytest.approx(per)
+    assert gen["c2i"] == round(40 - 10 - 3 + 10.0, 1)                          # the same two candidates' passes
+    assert gen["laser"] == round(2 + 14 * 2 / 7 + 6 + per * (30 + 16 * sum(depth)), 1)
+    rep["search"]["candidates"][1]["same_as"] = "L20"                          # a twin ran no pass
+    assert bench.estimates(rep, None)["seconds_per_layer_pass"] == pytest.approx(10.0 / depth[20])
     _write(tmp_path, _cell("fever", "c2i_fast", 0.5, estimates={"c2i": 7200.0, "laser": 600.0,
                                                                 "seconds_per_layer_pass": 0.1}))
     args = type("Args", (), {"max_minutes": 60, "out": str(tmp_path), "skip_cell": [], "model": "smollm2"})
