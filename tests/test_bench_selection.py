@@ -109,6 +109,7 @@ def test_exhaustive_out_decides_as_a_fresh_max_evals_0_run(import_bench, tmp_pat
     b = json.loads((exh / "counterfact/draw0.json").read_text())
     c = json.loads((fresh / "counterfact/draw0.json").read_text())
     assert a["n_evaluated"] == 2 and b["n_evaluated"] == c["n_evaluated"] == 80
+    assert len(b["candidates"]) == 80 and all("predicted_delta" in x for x in b["candidates"])
     assert b["resumed_from"]["n_evaluated"] == 2 and b["timings"]["search"] >= b["timings"]["search_rest"]
     assert b["decision"]["confirmed"] == c["decision"]["confirmed"]
     assert b["decision"]["shipped"] == c["decision"]["shipped"]
