@@ -83,12 +83,16 @@ def test_loss_is_a_setting_of_the_folder(folder, import_bench, capsys):
 
 @pytest.mark.slow
 def test_exhaustive_out_decides_as_a_fresh_max_evals_0_run(import_bench, tmp_path, monkeypatch):
-    """Tiny real run (SmolLM2, CounterFact, 1 matrix, 2 of 80 candidates): the exhaustive unit that resumed the
+    """Tiny real run (SmolLM2, CounterFact, 1 matrix, 2 of 6 candidates): the exhaustive unit that resumed the
     fast unit's run scores every candidate and decides exactly what a fresh ``--max-evals 0`` unit decides, with
     the same held-out numbers; the fast run's folder is gone once the exhaustive unit is written."""
     import os
     monkeypatch.setenv("C2I_DATA", os.environ.get("C2I_DATA", "/work/shared/data"))
+    import c2i_fast.pipeline as pipeline
     bs = import_bench("bench_selection")
+    grid = {"rank_fractions": (0.2, 0.01), "clusters": (1, 2), "methods": ("block", "kmeans")}
+    real_config = pipeline.AdaptConfig
+    monkeypatch.setattr(pipeline, "AdaptConfig", lambda **kw: real_config(**{**kw, **grid}))
     tiny = ["--model", "smollm2", "--tasks", "counterfact", "--draws", "2", "--samples", "30", "--test-size", "60",
             "--confirm-size", "60", "--top-k", "1", "--threads", "1", "--loss", "auto", "--quiet"]
     refused = ["--prune", "halve", "--out", str(tmp_path / "x"), "--exhaustive-out", str(tmp_path / "y")]
@@ -108,8 +112,8 @@ def test_exhaustive_out_decides_as_a_fresh_max_evals_0_run(import_bench, tmp_pat
     a = json.loads((fast / "counterfact/draw0.json").read_text())
     b = json.loads((exh / "counterfact/draw0.json").read_text())
     c = json.loads((fresh / "counterfact/draw0.json").read_text())
-    assert a["n_evaluated"] == 2 and b["n_evaluated"] == c["n_evaluated"] == 80
-    assert len(b["candidates"]) == 80 and all("predicted_delta" in x for x in b["candidates"])
+    assert a["n_evaluated"] == 2 and b["n_evaluated"] == c["n_evaluated"] == 6
+    assert len(b["candidates"]) == 6 and all("predicted_delta" in x for x in b["candidates"])
     assert b["resumed_from"]["n_evaluated"] == 2 and b["timings"]["search"] >= b["timings"]["search_rest"]
     assert b["decision"]["confirmed"] == c["decision"]["confirmed"]
     assert b["decision"]["shipped"] == c["decision"]["shipped"]
