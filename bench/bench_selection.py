@@ -108,8 +108,10 @@ def run_exhaustive(args, task: str, draw: int, lm, work: Path, fast: dict) -> di
     the fast one continued (the fast run scored the first ``max_evals`` of it), and exact pruning only ever
     stops a candidate that cannot be among the best ``keep`` of a subset of what the exhaustive run scores, so
     cannot be among the best of all. Without the fast run's folder (another machine) the run starts fresh.
-    ``timings.search`` is the whole exhaustive search: the fast unit's plus the rest (``search_rest``); the unit
-    keeps every candidate's summary (``candidates``: ΔL̂, selection accuracy and losses)."""
+    ``timings.search`` is the whole exhaustive search: the fast unit's plus the rest (``search_rest``), while
+    ``search.row_passes`` counts the rest only (add the fast unit's for the whole). The unit keeps every
+    candidate's summary in the search's (interleave) order, the fast run's ``max_evals`` first (``candidates``:
+    ΔL̂, selection accuracy and losses, or the rows scored before a stop)."""
     from c2i_fast.pipeline import CONFIG, AdaptConfig, adapt, resume_config
     t0 = time.perf_counter()
     run = work / "adapt"
@@ -129,7 +131,7 @@ def run_exhaustive(args, task: str, draw: int, lm, work: Path, fast: dict) -> di
         unit["timings"]["search_rest"] = unit["timings"]["search"]
         unit["timings"]["search"] = round(fast["timings"]["search"] + unit["timings"]["search"], 2)
         unit["resumed_from"] = {"n_evaluated": fast["n_evaluated"], "search": fast["timings"]["search"]}
-    # every candidate's ΔL̂ and selection scores, in the search's order: what an offline study of the order reads
+    # every candidate's ΔL̂ and selection scores: what an offline study of the order reads
     unit["candidates"] = rep["search"]["candidates"]
     return unit
 
