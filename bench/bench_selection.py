@@ -246,6 +246,41 @@ def compare(out: Path, other: Path) -> str:
     return "\n".join(rows)
 
 
+def order_table(out: Path) -> str | None:
+    """Markdown, for folders whose units keep every candidate (``--exhaustive-out``): per (task, draw), the
+    Spearman correlation of the first-order ΔL̂ with the measured loss the scan ranked by (over the fully scored:
+    exact pruning stops some, the worst on accuracy), where the confirmed three sit in the search's order (the
+    fast run scores the first ``max_evals``), and the best selection accuracy in the first ``max_evals`` against
+    all. Selection rows only. None when no unit keeps its candidates."""
+    from c2i_fast.search import spearman
+    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
+    fast_n = 48
+    for r in meta.get("runs", []):          # the fast unit's --max-evals, from the command that wrote the folder
+        cmd = r.get("command", "").split()
+        if "--max-evals" in cmd:
+            fast_n = int(cmd[cmd.index("--max-evals") + 1])
+    rows = [f"| task | draw | candidates (fully scored) | Spearman ΔL̂ vs measured loss | confirmed three at | "
+            f"best selection acc., first {fast_n} | best, all |", "|---|---|---|---|---|---|---|"]
+    for f in sorted(out.glob("*/draw*.json")):
+        u = json.loads(f.read_text())
+        cs = u.get("candidates")
+        if not cs:
+            continue
+        n = (u.get("resumed_from") or {}).get("n_evaluated", fast_n)
+        full = [c for c in cs if not c.get("pruned") and c.get("accuracy") is not None]
+        loss = "choice_loss" if full and all("choice_loss" in c for c in full) else "log_loss"
+        rho = spearman([c["predicted_delta"] for c in full], [c[loss] for c in full])
+        where = {tuple(_edits([c])[0]): i for i, c in enumerate(cs)}
+        at = [where.get(e) for e in _edits(u["decision"]["confirmed"])]
+        best = [max((c["accuracy"] for c in part if not c.get("pruned") and c.get("accuracy") is not None),
+                    default=None) for part in (cs[:n], cs)]
+        rows.append(f"| {u['task']} | {u['draw']} | {len(cs)} ({len(full)}) | "
+                    f"{'–' if rho is None else f'{rho:+.2f}'} ({loss.replace('_', ' ')}) | "
+                    f"{', '.join('–' if i is None else str(i + 1) for i in at)} | "
+                    + " | ".join('–' if b is None else f"{100 * b:.0f}%" for b in best) + " |")
+    return "\n".join(rows) if len(rows) > 2 else None
+
+
 def _open_folder(out: Path, model: str, settings: dict, command: str, threads: int) -> bool:
     """Create or reopen a folder of units; False (and a message) when it holds units of other settings."""
     out.mkdir(parents=True, exist_ok=True)
@@ -353,6 +388,9 @@ def main(argv=None) -> int:
     summary = summarize(out)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(markdown(summary))
+    order = order_table(out)
+    if order:
+        print("\n" + order)
     if args.against:
         print("\n" + compare(out, Path(args.against)))
     return 0

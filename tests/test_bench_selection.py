@@ -123,3 +123,24 @@ def test_exhaustive_out_decides_as_a_fresh_max_evals_0_run(import_bench, tmp_pat
     assert not (exh / ".runs/counterfact/draw0").exists()
     assert (exh / ".runs/.gitignore").read_text() == "*\n"
     assert json.loads((exh / "meta.json").read_text())["settings"]["max_evals"] == 0
+
+
+def test_order_table_reads_every_candidate_of_an_exhaustive_unit(tmp_path, import_bench):
+    bs = import_bench("bench_selection")
+    out = tmp_path / "exh"
+    (out / "fever").mkdir(parents=True)
+    cands = [{"matrix": f"m{i % 2}", "rank_fraction": 0.1 * (i + 1), "n_clusters": 1, "method": "block",
+              "predicted_delta": -float(i), "accuracy": 0.5 + 0.01 * i, "log_loss": 1.0, "choice_loss": 1.0 - 0.1 * i}
+             for i in range(5)]
+    cands.append({**cands[0], "rank_fraction": 0.9, "accuracy": None, "pruned": True, "rows_scored": 10})
+    unit = _unit("fever", 0, 0.0, 0, 0, False)
+    unit["decision"]["confirmed"] = [{k: cands[i][k] for k in ("matrix", "rank_fraction", "n_clusters", "method")}
+                                     for i in (4, 3, 2)]
+    unit.update(candidates=cands, resumed_from={"n_evaluated": 2})
+    (out / "fever" / "draw0.json").write_text(json.dumps(unit))
+    table = bs.order_table(out)
+    # ΔL̂ falls as the choice loss falls: +1; confirmed at positions 5, 4, 3; best 51% in the first 2, 54% in all
+    assert "| fever | 0 | 6 (5) | +1.00 (choice loss) | 5, 4, 3 | 51% | 54% |" in table
+    del unit["candidates"]
+    (out / "fever" / "draw0.json").write_text(json.dumps(unit))
+    assert bs.order_table(out) is None
