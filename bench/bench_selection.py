@@ -102,6 +102,20 @@ def run_unit(args, task: str, draw: int, lm=None, work: Path | None = None) -> d
             shutil.rmtree(work, ignore_errors=True)
 
 
+def constant_predictions(journal: dict[str, dict], first: int) -> dict:
+    """Of the fully scored candidates in a run's journal (key → result), how many predict one and the same label
+    on every selection row (on a classification task at chance, an edit that collapses the model onto one label
+    scores the majority rate); ``first``: of the journal's first ``first`` lines (the fast run's)."""
+    def const(r):
+        p = r.get("predictions_sum")
+        return p is not None and len(p) > 0 and len(set(p)) == 1
+    results = list(journal.values())
+    full = [r for r in results if not r.get("pruned") and "predictions_sum" in r]
+    return {"fully_scored": len(full), "constant": sum(map(const, full)),
+            "fully_scored_first": sum(not r.get("pruned") and "predictions_sum" in r for r in results[:first]),
+            "constant_first": sum(map(const, (r for r in results[:first] if not r.get("pruned"))))}
+
+
 def run_exhaustive(args, task: str, draw: int, lm, work: Path, fast: dict) -> dict:
     """The same (task, draw) with ``--max-evals 0``: every candidate scored, by resuming the fast unit's run in
     ``work`` (its journal holds the candidates it scored; none is scored again). Exact: the exhaustive order is
@@ -111,11 +125,16 @@ def run_exhaustive(args, task: str, draw: int, lm, work: Path, fast: dict) -> di
     ``timings.search`` is the whole exhaustive search: the fast unit's plus the rest (``search_rest``), while
     ``search.row_passes`` counts the rest only (add the fast unit's for the whole). The unit keeps every
     candidate's summary in the search's (interleave) order, the fast run's ``max_evals`` first (``candidates``:
-    ΔL̂, selection accuracy and losses, or the rows scored before a stop)."""
-    from c2i_fast.pipeline import CONFIG, AdaptConfig, adapt, resume_config
+    ΔL̂, selection accuracy and losses, or the rows scored before a stop) and how many of them answer every
+    selection row with the same label (:func:`constant_predictions`). ``resumed_from.cut_short``: an earlier
+    exhaustive run of this unit was killed, so ``timings.search`` leaves out its passes (a lower bound)."""
+    from c2i_fast.pipeline import CONFIG, JOURNAL, AdaptConfig, _read_journal, adapt, resume_config
     t0 = time.perf_counter()
     run = work / "adapt"
+    journal = run / (JOURNAL if draw == 0 else f"journal.draw{draw}.jsonl")
     resumed = (run / CONFIG).is_file()
+    # an earlier exhaustive run of this unit was cut short: its passes' time is not in this run's search time
+    cut_short = resumed and len(_read_journal(journal)) > fast["n_evaluated"]
     if resumed:
         cfg = resume_config(str(run), max_evals=0, threads=args.threads, progress=not args.quiet)
     else:
@@ -130,7 +149,9 @@ def run_exhaustive(args, task: str, draw: int, lm, work: Path, fast: dict) -> di
     if resumed:
         unit["timings"]["search_rest"] = unit["timings"]["search"]
         unit["timings"]["search"] = round(fast["timings"]["search"] + unit["timings"]["search"], 2)
-        unit["resumed_from"] = {"n_evaluated": fast["n_evaluated"], "search": fast["timings"]["search"]}
+        unit["resumed_from"] = {"n_evaluated": fast["n_evaluated"], "search": fast["timings"]["search"],
+                                "cut_short": cut_short}
+    unit["constant_predictions"] = constant_predictions(_read_journal(journal), fast["n_evaluated"])
     # every candidate's ΔL̂ and selection scores: what an offline study of the order reads
     unit["candidates"] = rep["search"]["candidates"]
     return unit

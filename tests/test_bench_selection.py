@@ -114,6 +114,9 @@ def test_exhaustive_out_decides_as_a_fresh_max_evals_0_run(import_bench, tmp_pat
     c = json.loads((fresh / "counterfact/draw0.json").read_text())
     assert a["n_evaluated"] == 2 and b["n_evaluated"] == c["n_evaluated"] == 6
     assert len(b["candidates"]) == 6 and all("predicted_delta" in x for x in b["candidates"])
+    cp = b["constant_predictions"]
+    assert cp["fully_scored"] <= 6 and cp["constant"] <= cp["fully_scored"] and cp["fully_scored_first"] <= 2
+    assert b["resumed_from"] == {**b["resumed_from"], "n_evaluated": 2, "cut_short": False}
     assert b["resumed_from"]["n_evaluated"] == 2 and b["timings"]["search"] >= b["timings"]["search_rest"]
     assert b["decision"]["confirmed"] == c["decision"]["confirmed"]
     assert b["decision"]["shipped"] == c["decision"]["shipped"]
@@ -144,3 +147,11 @@ def test_order_table_reads_every_candidate_of_an_exhaustive_unit(tmp_path, impor
     del unit["candidates"]
     (out / "fever" / "draw0.json").write_text(json.dumps(unit))
     assert bs.order_table(out) is None
+
+
+def test_constant_predictions_counts_one_label_answers(import_bench):
+    bs = import_bench("bench_selection")
+    journal = {"a": {"predictions_sum": [1, 1, 1]}, "b": {"predictions_sum": [0, 1, 1]},
+               "c": {"pruned": True, "rows_scored": 2}, "d": {"predictions_sum": [0, 0, 0]}}
+    assert bs.constant_predictions(journal, 2) == {"fully_scored": 3, "constant": 2, "fully_scored_first": 2,
+                                                   "constant_first": 1}
