@@ -248,13 +248,18 @@ def compare(out: Path, other: Path) -> str:
             continue
         a, b = json.loads(g.read_text()), json.loads(f.read_text())        # a: the other folder, b: this one
         passes = [(u.get("search") or {}).get("row_passes") for u in (a, b)]
+        resumed = b.get("resumed_from")
+        if resumed is not None and passes[1] is not None and passes[0] is not None:
+            passes[1] += passes[0]                 # an exhaustive unit counts its own passes after the fast run's
+        low = "≥ " if (resumed or {}).get("cut_short") else ""      # an earlier run of the unit was killed
         same_conf = _edits(a["decision"]["confirmed"]) == _edits(b["decision"]["confirmed"])
         nets = [confirmation_net(u) for u in (a, b)]
         for key, u, net in (("other", a, nets[0]), ("this", b, nets[1])):
             totals[key][0] += bool(u["decision"].get("shipped"))
             totals[key][1] += net
-        cells = [f"{a['timings']['search']:.0f} → {b['timings']['search']:.0f}",
-                 " → ".join("–" if p is None else str(p) for p in passes), "yes" if same_conf else "**no**",
+        cells = [f"{a['timings']['search']:.0f} → {low}{b['timings']['search']:.0f}",
+                 " → ".join("–" if p is None else str(p) for p in passes[:1])
+                 + " → " + ("–" if passes[1] is None else f"{low}{passes[1]}"), "yes" if same_conf else "**no**",
                  f"{nets[0]:+d} → {nets[1]:+d}"]
         for rule in ("confirm", "paper"):
             ra, rb = a["rules"][rule], b["rules"][rule]
