@@ -344,6 +344,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--tasks", default="fever", help="comma-separated task names")
     ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--only-draws", help="comma-separated draws of the --draws split to run here (e.g. 1,3), so "
+                                         "two processes can share a folder; the split is still --draws's")
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--confirm-size", type=int, default=200)
     ap.add_argument("--test-size", type=int, default=500)
@@ -374,6 +376,14 @@ def main(argv=None) -> int:
         print("bench_selection: --exhaustive-out resumes a --max-evals N > 0 unit with --prune exact or off, without LASER",
               file=sys.stderr)
         return 2
+    try:
+        only = sorted({int(d) for d in args.only_draws.split(",")}) if args.only_draws else list(range(args.draws))
+    except ValueError:
+        only = [-1]
+    if any(not 0 <= d < args.draws for d in only):
+        print(f"bench_selection: --only-draws {args.only_draws!r}: comma-separated draws in 0..{args.draws - 1}",
+              file=sys.stderr)
+        return 2
     if not args.summary:
         command = "python bench/bench_selection.py " + " ".join(sys.argv[1:] if argv is None else argv)
         settings = {k: getattr(args, k) for k in ("samples", "confirm_size", "test_size", "top_k", "max_evals",
@@ -386,7 +396,7 @@ def main(argv=None) -> int:
         from c2i_fast.svd import remembered_svds
         lm = None
         with remembered_svds():
-            for draw in range(args.draws):              # draw-major: every task gets its first draws early
+            for draw in only:                           # draw-major: every task gets its first draws early
                 for task in args.tasks.split(","):
                     path = out / task / f"draw{draw}.json"
                     exh_path = exh / task / f"draw{draw}.json" if exh else None

@@ -81,6 +81,21 @@ def test_loss_is_a_setting_of_the_folder(folder, import_bench, capsys):
     assert bs.main(["--tasks", "fever", "--draws", "2", "--loss", "answer", "--out", str(folder), "--quiet"]) == 0
 
 
+def test_only_draws_runs_its_draws_of_the_split(folder, import_bench, capsys, monkeypatch):
+    """--only-draws 1: draw 1 of the --draws 2 split only (finished here, so no model loads); a draw outside the
+    split is refused before anything is written."""
+    bs = import_bench("bench_selection")
+    before = (folder / "meta.json").read_text()
+    for bad in ("2", "0,x", "-1"):
+        assert bs.main(["--tasks", "fever", "--draws", "2", "--only-draws", bad, "--out", str(folder)]) == 2
+        assert "--only-draws" in capsys.readouterr().err
+    assert (folder / "meta.json").read_text() == before
+    (folder / "fever" / "draw0.json").unlink()          # draw 0 missing: --only-draws 1 must not run it
+    monkeypatch.setattr("c2i_fast.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert bs.main(["--tasks", "fever", "--draws", "2", "--only-draws", "1", "--out", str(folder), "--quiet"]) == 0
+    assert json.loads((folder / "meta.json").read_text())["settings"]["draws"] == 2
+
+
 @pytest.mark.slow
 def test_exhaustive_out_decides_as_a_fresh_max_evals_0_run(import_bench, tmp_path, monkeypatch):
     """Tiny real run (SmolLM2, CounterFact, 1 matrix, 2 of 6 candidates): the exhaustive unit that resumed the
