@@ -344,7 +344,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--tasks", default="fever", help="comma-separated task names")
     ap.add_argument("--draws", type=int, default=5)
-    ap.add_argument("--only-draws", help="comma-separated draws of the --draws split to run here (e.g. 1,3), so "
+    ap.add_argument("--only-draws", help="draws of the --draws split to run here (e.g. 1,3 or 2-4), so "
                                          "two processes can share a folder; the split is still --draws's")
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--confirm-size", type=int, default=200)
@@ -376,12 +376,12 @@ def main(argv=None) -> int:
         print("bench_selection: --exhaustive-out resumes a --max-evals N > 0 unit with --prune exact or off, without LASER",
               file=sys.stderr)
         return 2
-    try:
-        only = sorted({int(d) for d in args.only_draws.split(",")}) if args.only_draws else list(range(args.draws))
+    try:                                        # the layer-list syntax: "1,3" or "2-4"
+        only = sorted(set(parse_layers(args.only_draws) or range(args.draws)))
     except ValueError:
-        only = [-1]
-    if any(not 0 <= d < args.draws for d in only):
-        print(f"bench_selection: --only-draws {args.only_draws!r}: comma-separated draws in 0..{args.draws - 1}",
+        only = None
+    if only is None or any(not 0 <= d < args.draws for d in only):
+        print(f"bench_selection: --only-draws {args.only_draws!r}: draws in 0..{args.draws - 1}, as 1,3 or 2-4",
               file=sys.stderr)
         return 2
     if not args.summary:

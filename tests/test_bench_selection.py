@@ -86,7 +86,7 @@ def test_only_draws_runs_its_draws_of_the_split(folder, import_bench, capsys, mo
     split is refused before anything is written."""
     bs = import_bench("bench_selection")
     before = (folder / "meta.json").read_text()
-    for bad in ("2", "0,x", "-1"):
+    for bad in ("2", "0,x", "-1", "1-2"):
         assert bs.main(["--tasks", "fever", "--draws", "2", "--only-draws", bad, "--out", str(folder)]) == 2
         assert "--only-draws" in capsys.readouterr().err
     assert (folder / "meta.json").read_text() == before
